@@ -1,0 +1,12 @@
+"""torchrun entrypoint for pipeline-parallel LoRA fine-tuning: `torchrun --nproc_per_node N launch/finetune.py
+--model_path DIR --data_path FILE ...` (see README.md for the flags)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, no install
+
+from merak_lora.finetune import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

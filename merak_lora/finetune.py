@@ -1,0 +1,228 @@
+"""Fine-tuning, assembled: flags -> checks -> data -> stages -> pipeline -> trainer.
+
+Everything that can fail on user input (flags, LoRA config, model folder, partition, data) is checked before
+a single weight is read, and a data error found by rank 0 is shared so every rank stops with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import TrainState, check_compatible, config_hash, read_meta, resolve, restore, versions
+from .config import Config, ConfigError, help_text, parse_args, validate
+from .data import Batches, DataSpec, load_cache, pack, prepare
+from .layout import env_ranks, init_distributed
+from .lora import adapter_params, build_lora_config, read_lora_config
+from .metrics import Metrics, add_log_file, setup_logging
+from .models import find_parts, linear_names
+from .optim import make_optimizer
+from .schedule import Pipeline, TokenLoss
+from .stage import build_skeleton, build_stage, load_model_config, plan_stages
+from .trainer import Trainer, TrainingStopped
+from .weights import WeightIndex
+
+log = logging.getLogger("merak_lora")
+RUN_ARTIFACTS = ("latest", "metrics.jsonl", "runs", "logs")
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+def lora_as_json(lora_cfg) -> dict:
+    """The resolved LoRA config in PEFT's field names, JSON-ready (sets sorted, enums as values)."""
+    out = {}
+    for f in dataclasses.fields(lora_cfg):
+        v = getattr(lora_cfg, f.name)
+        if isinstance(v, set):
+            v = sorted(v)
+        elif isinstance(v, Enum):
+            v = v.value
+        if isinstance(v, (str, int, float, bool, list, dict, type(None))):
+            out[f.name] = v
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the checks produced: the model's config, its stage cuts, the resolved LoRA config."""
+
+    model_config: Any
+    specs: list
+    lora_cfg: Any
+    lora_raw: dict
+    index: WeightIndex
+
+
+def make_plan(cfg: Config, num_stages: int) -> Plan:
+    model_config = load_model_config(cfg.model_path or cfg.weights_path, cfg.trust_remote_code)
+    index = WeightIndex(cfg.weights_path)
+    lora_raw = read_lora_config(cfg.lora_config)
+    skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
+    parts = find_parts(skeleton, model_config)
+    module_names = [n for n, m in skeleton.named_modules()
+                    if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"]
+    lora_cfg = build_lora_config(lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts),
+                                 source=cfg.lora_config)
+    specs = plan_stages(skeleton, parts, num_stages, cfg.partition_method)
+    return Plan(model_config, specs, lora_cfg, lora_raw, index)
+
+
+def previous_run(cfg: Config) -> list[str]:
+    """The earlier run's entries in output_dir that this run would mix with; refuses unless resuming or
+    overwriting (decided before any rank writes, so every rank decides the same)."""
+    d = cfg.output_dir
+    ours = [n for n in os.listdir(d) if n.startswith("checkpoint-") or n in RUN_ARTIFACTS] \
+        if os.path.isdir(d) else []
+    if ours and not cfg.resume_peft_from_checkpoint and not cfg.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {d!r} already holds a run ({', '.join(sorted(ours)[:4])}); pass "
+                          "--resume_peft_from_checkpoint latest to continue it, --overwrite_output_dir true to "
+                          "replace it, or choose another --output_dir")
+    return ours if cfg.overwrite_output_dir and not cfg.resume_peft_from_checkpoint else []
+
+
+def clear_previous_run(cfg: Config, entries: list[str], layout) -> None:
+    if layout.rank == 0 and entries:
+        for name in entries:
+            path = os.path.join(cfg.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        log.info(f"--overwrite_output_dir: removed the previous run's {len(entries)} entries from {cfg.output_dir}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_rank0_then_share(layout, fn: Callable[[], Any]) -> Any:
+    """Run fn on rank 0 and give its result (or its error) to every rank."""
+    box: list[Any] = [None]
+    if layout.rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as e:
+            box[0] = ("error", str(e))
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    status, payload = box[0]
+    if status == "error":
+        raise ConfigError(payload)
+    return payload
+
+
+def build_data(cfg: Config, tokenizer, layout) -> Batches:
+    spec = DataSpec(cfg.data_path, cfg.data_format, cfg.field_map, cfg.template, cfg.system, cfg.seq_length,
+                    cfg.skip_bad_records, cfg.packing)
+    cache_dir = cfg.data_cache_dir or os.path.join(cfg.output_dir, "data_cache")
+
+    def tokenize() -> str:
+        data, hit, path = prepare(spec, tokenizer, cache_dir)
+        s = data.stats
+        log.info(f"data: {len(data)} examples from {s.records} records ({'cached' if hit else 'tokenized'}); "
+                 f"{s.truncated} truncated to --seq_length {cfg.seq_length}, {s.dropped} dropped, "
+                 f"{s.skipped_bad} bad records skipped")
+        for example in s.bad_examples[:5]:
+            log.warning(f"skipped: {example}")
+        return path
+
+    path = on_rank0_then_share(layout, tokenize)
+    data = load_cache(path)
+    samples = pack(data.examples, cfg.seq_length, cfg.seed) if cfg.packing else [[e] for e in data.examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Batches(samples, cfg.per_device_train_batch_size, cfg.microbatches, layout.dp, cfg.seed, pad,
+                   cfg.pad_to_multiple_of, cfg.seq_length)
+
+
+def run(cfg: Config) -> TrainState:
+    rank, world, _ = env_ranks()
+    validate(cfg, world)
+    setup_logging(rank)
+    stale = previous_run(cfg)
+    chunks = cfg.chunks_per_rank()
+    pp = cfg.pp or world
+    plan = make_plan(cfg, pp * chunks)
+    resume_dir = None
+    if cfg.resume_peft_from_checkpoint:
+        resume_dir = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir)
+        resume_meta = read_meta(resume_dir)
+        check_compatible(resume_dir, resume_meta, plan.model_config, lora_as_json(plan.lora_cfg))
+
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path or cfg.weights_path,
+                                              trust_remote_code=cfg.trust_remote_code)
+    layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device,
+                              cfg.dist_timeout)
+    clear_previous_run(cfg, stale, layout)
+    add_log_file(layout.rank, os.path.join(cfg.output_dir, "logs"))
+    torch.manual_seed(cfg.seed + 1000 * layout.rank)
+    log.info(f"{world} ranks: {layout.dp} pipeline replica(s) x {layout.pp} ranks x {chunks} stage(s) per rank, "
+             f"schedule {cfg.pipeline_schedule}, device {layout.device.type}; layer split "
+             f"{[(s.start, s.stop) for s in plan.specs]}")
+    batches = build_data(cfg, tokenizer, layout)
+
+    dtype = compute_dtype(cfg)
+    stages = [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device, dtype=dtype,
+                          lora_config=plan.lora_cfg, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                          attn_implementation=cfg.attn_implementation,
+                          gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules)
+              for i in layout.stage_ids()]
+    for s in stages:
+        s.train()
+    log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "
+             f"({len(plan.index.report.keys)} tensors) for stages {layout.stage_ids()}")
+    stage_params = {s.spec.index: adapter_params(s.model) for s in stages}
+    params = [p for ps in stage_params.values() for p in ps.values()]
+    optimizer = make_optimizer(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
+                               cfg.weight_decay)
+    state = TrainState()
+    if resume_dir:
+        state = restore(resume_dir, resume_meta, stage_params, optimizer, layout, cfg.seed)
+        log.info(f"resumed from {resume_dir} at step {state.global_step}")
+
+    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
+        else plan.model_config
+    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(), text.hidden_size,
+                        text.vocab_size, dtype)
+    total = cfg.max_steps if cfg.max_steps > 0 else batches.steps_for_epochs(cfg.num_train_epochs)
+    lora_saved = {**lora_as_json(plan.lora_cfg), "base_model_name_or_path": os.path.abspath(cfg.weights_path)}
+    meta = {"format": 1, "pp": layout.pp, "dp": layout.dp, "num_stages": layout.num_stages,
+            "stages_per_rank": chunks, "schedule": cfg.pipeline_schedule,
+            "layer_split": [[s.start, s.stop] for s in plan.specs], "model_path": os.path.abspath(cfg.weights_path),
+            "model_type": plan.model_config.model_type, "base_config_hash": config_hash(plan.model_config),
+            "lora": lora_saved, "versions": versions(), "seed": cfg.seed}
+    metrics = Metrics(cfg.output_dir, layout.rank == 0, total, state.global_step, cfg.report_to == "tensorboard",
+                      progress=not cfg.disable_tqdm)
+    trainer = Trainer(cfg, layout, pipeline, batches, optimizer, stage_params, total, state, meta, lora_saved,
+                      metrics)
+    log.info(f"training {total} steps of {batches.global_batch} sequences "
+             f"({cfg.per_device_train_batch_size} per microbatch x {cfg.microbatches} microbatches x "
+             f"{layout.dp} replicas); {sum(p.numel() for p in params)} trainable parameters on this rank")
+    try:
+        return trainer.train()
+    finally:
+        metrics.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print("usage: torchrun ... launch/finetune.py --flag value ...\n\n" + help_text())
+        return 0
+    rank = env_ranks()[0]
+    try:
+        cfg = parse_args(argv, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
+        run(cfg)
+    except (ConfigError, TrainingStopped) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

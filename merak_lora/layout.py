@@ -1,0 +1,117 @@
+"""Who is who: ranks, pipeline stages and data-parallel replicas, from the environment torchrun or Slurm set.
+
+Ranks of one pipeline are contiguous (rank = dp_rank * pp + pp_rank), so a pipeline sits on neighbouring
+GPUs of a node where it can and the small LoRA gradient all-reduce is what crosses nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Layout:
+    rank: int
+    world: int
+    local_rank: int
+    pp: int                      # ranks per pipeline
+    chunks: int                  # stages (model chunks) per rank; > 1 for interleaved and V schedules
+    v_shape: bool                # zbv/dualpipev: rank r holds stages r and 2pp-1-r
+    device: torch.device
+    pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.pp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank % self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.pp
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.chunks
+
+    def stage_ids(self) -> list[int]:
+        """Global stage indices held by this rank, in pipeline order."""
+        return stages_of_rank(self.pp_rank, self.pp, self.chunks, self.v_shape)
+
+    def global_rank_of(self, pp_rank: int, dp_rank: int | None = None) -> int:
+        return (self.dp_rank if dp_rank is None else dp_rank) * self.pp + pp_rank
+
+    @property
+    def is_first_rank_of_pipeline(self) -> bool:
+        return self.pp_rank == 0
+
+
+def stages_of_rank(pp_rank: int, pp: int, chunks: int, v_shape: bool) -> list[int]:
+    if v_shape:  # rank r holds stage r and its mirror 2pp-1-r, so first and last stage share rank 0
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + c * pp for c in range(chunks)]
+
+
+def rank_of_stage(stage: int, pp: int, v_shape: bool) -> int:
+    if v_shape and stage >= pp:
+        return 2 * pp - 1 - stage
+    return stage % pp
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world, local_rank) from torchrun's variables, else Slurm's, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
+    count = torch.cuda.device_count()
+    dev = torch.device("cuda", local_rank % count)
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "auto",
+                     timeout_s: int = 300) -> Layout:
+    """Start the process group (gloo on CPU, NCCL on GPU) and build the dp x pp groups."""
+    rank, world, local_rank = env_ranks()
+    device = pick_device(device_choice, local_rank)
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    pp = pp or world
+    layout = Layout(rank=rank, world=world, local_rank=local_rank, pp=pp, chunks=chunks, v_shape=v_shape,
+                    device=device)
+    if world > 1:
+        # Every rank must take part in creating every group, in the same order.
+        for d in range(world // pp):
+            ranks = list(range(d * pp, (d + 1) * pp))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                layout.pp_group = g
+        for p in range(pp):
+            ranks = list(range(p, world, pp))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                layout.dp_group = g
+    return layout

@@ -1,0 +1,200 @@
+"""LoRA through PEFT on one stage: read the user's config, wrap only the stage's own linears, and name the
+adapter tensors by the model's global names so every stage count writes and finds the same keys.
+
+The initial adapter is a function of (seed, tensor name) alone, so pp=1, 2 or 4 start from identical weights
+and a one-process PEFT run can be set to the same start for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import zlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
+
+from .config import ConfigError
+from .models import default_targets
+
+ADAPTER = "default"
+# The fields a lora_config.json may hold; the first seven are the ones Merak users write.
+SUPPORTED_FIELDS = {
+    "r": int, "lora_alpha": (int, float), "lora_dropout": (int, float), "target_modules": (list, str, type(None)),
+    "bias": str, "task_type": (str, type(None)), "inference_mode": bool,
+    "use_rslora": bool, "use_dora": bool, "exclude_modules": (list, str, type(None)),
+    "layers_to_transform": (list, int, type(None)), "layers_pattern": (list, str, type(None)),
+    "rank_pattern": dict, "alpha_pattern": dict, "init_lora_weights": (bool, str), "fan_in_fan_out": bool,
+    "target_parameters": (list, type(None)),
+    # written by PEFT itself into adapter_config.json; harmless on the way back in
+    "peft_type": str, "base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
+    "auto_mapping": (dict, type(None)), "peft_version": (str, type(None)), "megatron_core": (str, type(None)),
+    "qalora_group_size": int,
+}
+UNSUPPORTED_FIELDS = {
+    "modules_to_save": "base weights stay frozen on every stage; train them with LoRA target_modules instead",
+    "loftq_config": "LoftQ initialisation needs the whole model at once",
+    "layer_replication": "layer replication changes the layer count the stages were cut by",
+    "ensure_weight_tying": "tied adapters would span the first and last stage",
+    "trainable_token_indices": "token training would span the first and last stage",
+}
+
+
+def read_lora_config(path: str) -> dict:
+    """The raw JSON, checked for field names and types with messages that name the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"LoRA config {path!r} not found; pass --lora_config FILE "
+                          "(see configs/lora_config.json for the fields)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"LoRA config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"LoRA config {path}: expected a JSON object with r, lora_alpha, target_modules, ...")
+    known = {f.name: f for f in dataclasses.fields(LoraConfig)}
+    for key, value in raw.items():
+        if key in UNSUPPORTED_FIELDS:
+            if value not in (None, False, [], {}):
+                raise ConfigError(f"LoRA config {path}: {key!r} is not supported: {UNSUPPORTED_FIELDS[key]}")
+            continue
+        if key not in known:
+            raise ConfigError(f"LoRA config {path}: unknown field {key!r}; the usual fields are r, lora_alpha, "
+                              "lora_dropout, target_modules, bias, task_type, inference_mode")
+        if key in SUPPORTED_FIELDS:
+            if not isinstance(value, SUPPORTED_FIELDS[key]) or (isinstance(value, bool) and key in ("r", "lora_alpha")):
+                raise ConfigError(f"LoRA config {path}: {key!r} has the wrong type "
+                                  f"({type(value).__name__}: {value!r})")
+        elif value != _default_of(known[key]):
+            # PEFT writes every field into adapter_config.json; only the ones merak-lora implements may be set.
+            raise ConfigError(f"LoRA config {path}: {key!r} = {value!r} is a PEFT option merak-lora does not "
+                              "support; remove it")
+    r = raw.get("r", 8)
+    if r < 1:
+        raise ConfigError(f"LoRA config {path}: r must be a positive integer, got {r}")
+    if not 0 <= raw.get("lora_dropout", 0.0) < 1:
+        raise ConfigError(f"LoRA config {path}: lora_dropout must be in [0, 1)")
+    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ConfigError(f"LoRA config {path}: bias must be none, all or lora_only")
+    if raw.get("task_type", "CAUSAL_LM") not in ("CAUSAL_LM", None):
+        raise ConfigError(f"LoRA config {path}: task_type must be CAUSAL_LM (merak-lora trains causal LMs)")
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ConfigError(f"LoRA config {path}: init_lora_weights {init!r} is not supported here; "
+                          "use true (PEFT's default) or \"gaussian\"")
+    return raw
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def build_lora_config(raw: dict, model_type: str, module_names: list[str], linear_leaf_names: list[str],
+                      *, source: str = "lora_config.json") -> LoraConfig:
+    """The whole-model LoraConfig: default targets by model type, every target checked against the model.
+
+    module_names are the full names of the model's adaptable modules (linears, embeddings)."""
+    fields = {k: v for k, v in raw.items() if k in SUPPORTED_FIELDS and k not in
+              ("peft_type", "auto_mapping", "peft_version", "revision")}
+    fields.setdefault("task_type", "CAUSAL_LM")
+    targets = fields.get("target_modules")
+    if targets is None and not fields.get("target_parameters"):
+        targets = default_targets(model_type, linear_leaf_names)
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            raise ConfigError(
+                f"{source}: target_modules {missing} match no module of this {model_type} model; "
+                f"its linear modules are: {', '.join(linear_leaf_names)}")
+    elif isinstance(targets, str) and targets != "all-linear":
+        if not any(re.fullmatch(targets, n) for n in module_names):
+            raise ConfigError(f"{source}: the target_modules pattern {targets!r} matches no module; "
+                              f"linear modules are: {', '.join(linear_leaf_names)}")
+    fields["target_modules"] = targets
+    return LoraConfig(**fields)
+
+
+def stage_targets(user: LoraConfig, lm: nn.Module) -> list[str]:
+    """Full names of the modules this stage owns that the user's config targets."""
+    names = []
+    for name, mod in lm.named_modules():
+        if not _adaptable(mod):
+            continue
+        if user.target_modules == "all-linear":
+            hit = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+            hit = hit and mod is not _output_layer(lm)
+        else:
+            hit = check_target_module_exists(user, name)
+        if hit and type(hit).__name__ != "_ExcludedModule":
+            names.append(name)
+    return names
+
+
+def _adaptable(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Linear, nn.Embedding)) or type(mod).__name__ == "Conv1D"
+
+
+def _output_layer(lm: nn.Module) -> nn.Module | None:
+    return lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+
+
+def apply_lora(lm: nn.Module, user: LoraConfig, seed: int) -> nn.Module:
+    """Wrap the stage's targeted modules with LoRA (or return the model unchanged if it owns none)."""
+    targets = stage_targets(user, lm)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    if not targets and not user.target_parameters:
+        return lm
+    # init_lora_weights=False skips PEFT's own random init; init_adapter below sets every tensor.
+    cfg = dataclasses.replace(user, target_modules=targets, inference_mode=False, init_lora_weights=False)
+    model = get_peft_model(lm, cfg, autocast_adapter_dtype=True)
+    init_adapter(model, seed, user.init_lora_weights)
+    return model
+
+
+@torch.no_grad()
+def init_adapter(model: nn.Module, seed: int, how: bool | str = True) -> None:
+    """Initialise every LoRA tensor from (seed, its global name), whatever the stage layout.
+
+    `how` is PEFT's init_lora_weights: True (A uniform, B zero), "gaussian", or False (B random too,
+    so the adapter is not the identity at step 0; useful to make every gradient non-zero in tests)."""
+    for name, p in model.named_parameters():
+        key = canonical_name(name)
+        kind = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)", key)
+        if kind is None:  # e.g. DoRA's magnitude vector, which PEFT derives from the base weight
+            continue
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+        w = torch.zeros(p.shape, dtype=torch.float32)
+        which = kind.group(1)
+        if which == "lora_A" and how == "gaussian":
+            w.normal_(0.0, 1.0 / w.shape[0], generator=g)
+        elif which == "lora_A" or (which == "lora_B" and how is False):
+            bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's own init (kaiming_uniform, a=sqrt(5))
+            w.uniform_(-bound, bound, generator=g)
+        elif which == "lora_embedding_B" or (which == "lora_embedding_A" and how is False):
+            w.normal_(0.0, 1.0, generator=g)
+        # PEFT's default leaves lora_B and lora_embedding_A at zero, so training starts from the base model.
+        p.copy_(w)
+
+
+def canonical_name(param_name: str) -> str:
+    """PEFT's saved key for a parameter: `base_model.model.<module path>.lora_A.weight` (no adapter name)."""
+    return re.sub(rf"\.{ADAPTER}(?=\.|$)", "", param_name)
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable adapter parameters of a stage, keyed by their canonical (global PEFT) names."""
+    return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def is_peft(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)

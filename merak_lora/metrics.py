@@ -1,0 +1,101 @@
+"""One logger and one metrics object: console lines, a progress bar with ETA, TensorBoard scalars under
+<output_dir>/runs, and <output_dir>/metrics.jsonl, all written by rank 0; every rank keeps its own log file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("merak_lora")
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 prints INFO to the console, other ranks only warnings."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter("[%(asctime)s rank %(rank)d] %(message)s", "%H:%M:%S"))
+    console.addFilter(_RankFilter(rank))
+    log.addHandler(console)
+
+
+def add_log_file(rank: int, log_dir: str) -> None:
+    """Every rank also keeps its whole log in log_dir/rank_XXX.log."""
+    os.makedirs(log_dir, exist_ok=True)
+    fh = logging.FileHandler(os.path.join(log_dir, f"rank_{rank:03d}.log"))
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+
+
+class Metrics:
+    """Collects what rank 0 reports each logging step."""
+
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
+                 progress: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.writer = None
+        self.jsonl = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(output_dir, "runs"))
+        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    def advance(self, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in values.items()]
+        line = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            log.info(line)
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **values}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
+        return f"{v:.0f}"
+    return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"

@@ -1,0 +1,305 @@
+"""One pipeline stage: the model built on the meta device, cut to this stage's layers, only this stage's
+tensors read from the safetensors files, LoRA on top.
+
+The stage keeps the model's own forward. Layers it does not own become pass-throughs and weights it does
+not own become empty stand-ins; a hook hands the received hidden state to the first owned layer and another
+stops the forward after the last owned layer. The model's own code therefore still computes masks, rotary
+tables, per-layer attention types and every family quirk, and parameter names stay global
+(`model.layers.17...` on whichever stage holds layer 17).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import ConfigError
+from .lora import apply_lora
+from .models import ModelParts, find_parts
+from .partition import layer_ranges, split_layers
+from .weights import WeightIndex
+
+log = logging.getLogger("merak_lora")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int
+    num_stages: int
+    start: int          # first decoder layer (inclusive)
+    stop: int           # last decoder layer (exclusive)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+
+class StageOutput(Exception):
+    """Raised after the stage's last layer to leave the model's forward early with the hidden state."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+class PassThrough(nn.Module):
+    """A decoder layer held by another stage: hands its input on (its output is replaced anyway)."""
+
+    def __init__(self, index: int, tuple_output: bool):
+        super().__init__()
+        self.index = index
+        self.tuple_output = tuple_output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        # Remote-code layers usually return (hidden, attn, cache) and the model indexes into it.
+        return (hidden, None, None) if self.tuple_output else hidden
+
+
+class Absent(nn.Module):
+    """A weight-holding module held by another stage. Returns zeros of the right shape (a broadcast view,
+    no memory) for embeddings and linears, and its input for norms, so surrounding code still runs."""
+
+    def __init__(self, name: str, out_features: int | None, lookup: bool):
+        super().__init__()
+        self.name, self.out_features, self.lookup = name, out_features, lookup
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.out_features is None:
+            return x
+        shape = (*x.shape, self.out_features) if self.lookup else (*x.shape[:-1], self.out_features)
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        return torch.zeros((), dtype=dtype, device=x.device).expand(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.name} (held by another stage)"
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device and buffers for real.
+
+    Buffers such as rotary inverse frequencies are computed in the modules' constructors and are not in the
+    checkpoint, so they must be real; parameters are read later, one stage's worth."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def load_model_config(path: str, trust_remote_code: bool):
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"cannot read a model config from {path!r}: {e}") from None
+    except ValueError as e:
+        text = str(e)
+        if "trust_remote_code" in text:
+            raise ConfigError(f"the model in {path!r} ships its own Python code; it runs only with "
+                              "--trust_remote_code true (read that code first)") from None
+        raise ConfigError(f"model config in {path!r}: {text.splitlines()[0]}") from None
+    except KeyError as e:
+        raise ConfigError(f"model in {path!r} has unknown model_type {e}; this transformers version does not "
+                          "know it. Pass --trust_remote_code true if the folder ships modeling code.") from None
+
+
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str) -> nn.Module:
+    """The whole causal LM with every parameter on the meta device (no memory, no init time)."""
+    with params_on_meta():
+        try:
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                  attn_implementation=attn_implementation)
+        except ValueError as e:
+            if "attn_implementation" in str(e) or "does not support" in str(e):
+                lm = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                      trust_remote_code=trust_remote_code,
+                                                      attn_implementation="eager")
+            else:
+                raise ConfigError(f"model type {config.model_type!r}: {str(e).splitlines()[0]}") from None
+    return lm
+
+
+def plan_stages(lm: nn.Module, parts: ModelParts, num_stages: int, method: str) -> list[StageSpec]:
+    layers = lm.get_submodule(parts.layers)
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    pre = sum(p.numel() for n in parts.pre for p in lm.get_submodule(n).parameters(recurse=False))
+    post = sum(p.numel() for n in parts.post for p in lm.get_submodule(n).parameters(recurse=False))
+    counts = split_layers(parts.num_layers, num_stages, method, layer_params, pre, post)
+    return [StageSpec(i, num_stages, a, b) for i, (a, b) in enumerate(layer_ranges(counts))]
+
+
+def _checkpointed(forward):
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+class Stage(nn.Module):
+    """The module a PipelineStage runs: input ids (first stage) or hidden states in, hidden states or
+    logits (last stage) out."""
+
+    def __init__(self, model: nn.Module, spec: StageSpec, parts: ModelParts):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.parts = parts
+        self._running = False
+        self._received: torch.Tensor | None = None
+        layers = self.layers()
+        if not spec.is_first:
+            layers[spec.start].register_forward_pre_hook(self._inject, with_kwargs=True)
+        if not spec.is_last:
+            layers[spec.stop - 1].register_forward_hook(self._stop)
+
+    def layers(self) -> nn.ModuleList:
+        return self.base_lm().get_submodule(self.parts.layers)
+
+    def base_lm(self) -> nn.Module:
+        """The transformers model inside the PEFT wrapper (or the model itself without LoRA)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _inject(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self._running:
+            return None
+        if args:
+            return (self._received, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._received}
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._running:
+            raise StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self._running = True
+        try:
+            if self.spec.is_first:
+                out = self.model(input_ids=x, use_cache=False, **kwargs)
+            else:
+                self._received = x
+                out = self.model(inputs_embeds=x, use_cache=False, **kwargs)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            return logits.float()  # the loss works in fp32, as transformers' own loss does
+        except StageOutput as done:
+            return done.hidden
+        finally:
+            self._running = False
+            self._received = None
+
+
+def _alias_groups(lm: nn.Module) -> dict[str, list[str]]:
+    """For every parameter name, all names sharing the same tensor (tied embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: names for names in by_id.values() for n in names}
+
+
+def _checkpoint_key(name: str, index: WeightIndex, aliases: list[str], prefix: str) -> str | None:
+    """The checkpoint key for a parameter: its own name, a tied alias, or the name without/with the
+    base-model prefix (some checkpoints are saved from the bare model)."""
+    for cand in [name, *aliases]:
+        for key in (cand, cand.removeprefix(prefix + "."), f"{prefix}.{cand}"):
+            if key in index:
+                return key
+    return None
+
+
+def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
+    """Replace what this stage does not own by pass-throughs and stand-ins."""
+    layers = lm.get_submodule(parts.layers)
+    tuple_output = not type(layers[0]).__module__.startswith("transformers.")
+    for i in range(len(layers)):
+        if not spec.start <= i < spec.stop:
+            layers[i] = PassThrough(i, tuple_output)
+    dropped = ([] if spec.is_first else list(parts.pre)) + ([] if spec.is_last else list(parts.post))
+    for name in dropped:
+        mod = lm.get_submodule(name)
+        if isinstance(mod, nn.Embedding):
+            stub = Absent(name, mod.embedding_dim, lookup=True)
+        elif isinstance(mod, nn.Linear):
+            stub = Absent(name, mod.out_features, lookup=False)
+        elif type(mod).__name__ == "Conv1D":
+            stub = Absent(name, mod.nf, lookup=False)
+        else:
+            stub = Absent(name, None, lookup=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(lm.get_submodule(parent) if parent else lm, leaf, stub)
+
+
+def materialize(lm: nn.Module, index: WeightIndex, device: torch.device, dtype: torch.dtype,
+                aliases: dict[str, list[str]], tie: bool = True) -> None:
+    """Read this stage's parameters from the checkpoint onto `device`; move buffers there too.
+
+    `aliases` (taken before pruning) lets a tied head find the embedding tensor it shares."""
+    keep_fp32 = set(getattr(lm, "_keep_in_fp32_modules", None) or [])
+    prefix = getattr(lm, "base_model_prefix", "model")
+    wanted: list[tuple[nn.Module, str, str, str]] = []  # (module, attr, full name, checkpoint key)
+    missing = []
+    for mod_name, mod in lm.named_modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            key = _checkpoint_key(full, index, aliases.get(full, []), prefix)
+            if key is None:
+                missing.append(full)
+            else:
+                wanted.append((mod, attr, full, key))
+    if missing:
+        raise ConfigError(f"the weights in {index.folder!r} lack {len(missing)} tensors this stage needs, "
+                          f"e.g. {missing[:3]}; is this the right model folder for its config.json?")
+    tensors = index.read(sorted({k for *_, k in wanted}), device="cpu")
+    made: dict[tuple[int, str], nn.Parameter] = {}
+    for mod, attr, full, key in wanted:
+        meta = mod._parameters[attr]
+        share = (id(meta), key) if tie else (id(mod), attr)
+        if share not in made:
+            t = tensors[key]
+            if tuple(t.shape) != tuple(meta.shape):
+                raise ConfigError(f"{index.folder}: tensor {key} has shape {tuple(t.shape)} but the config "
+                                  f"expects {tuple(meta.shape)}; config.json and the weights disagree")
+            target = torch.float32 if any(k in full for k in keep_fp32) else dtype
+            t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+            made[share] = nn.Parameter(t, requires_grad=False)
+        mod._parameters[attr] = made[share]
+    for mod in lm.modules():
+        for attr, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[attr] = b.to(device)
+
+
+def build_stage(spec: StageSpec, config, index: WeightIndex, *, device: torch.device, dtype: torch.dtype,
+                lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                gradient_checkpointing: bool = False, tie: bool = True) -> Stage:
+    """Everything one stage needs, touching only its own weights."""
+    lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
+    parts = find_parts(lm, config)
+    aliases = _alias_groups(lm)
+    prune(lm, parts, spec)
+    materialize(lm, index, device, dtype, aliases, tie=tie)
+    model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm
+    stage = Stage(model, spec, parts)
+    if gradient_checkpointing:
+        layers = stage.layers()
+        for i in range(spec.start, spec.stop):
+            layers[i].forward = _checkpointed(layers[i].forward)
+    return stage

@@ -1,0 +1,222 @@
+"""The loop: one optimizer step is `Trainer.step`, read top to bottom.
+
+Every rank runs the same loop in lock-step. The few numbers all ranks must agree on (loss, gradient norm,
+a stop request) travel in one small all-reduce per step, so a NaN seen on one stage skips the step on all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import TrainState, save_checkpoint
+from .config import Config
+from .data import Batches
+from .layout import Layout
+from .metrics import Metrics
+from .optim import LossScale, lr_lambda, warmup_steps
+from .schedule import Pipeline
+
+log = logging.getLogger("merak_lora")
+
+
+class TrainingStopped(RuntimeError):
+    """Training could not go on (too many non-finite steps); the last good state was saved."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+    tokens: int
+    stop_requested: bool
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, batches: Batches,
+                 optimizer: torch.optim.Optimizer, stage_params: dict[int, dict[str, torch.nn.Parameter]],
+                 total_steps: int, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics):
+        self.cfg, self.layout, self.pipeline, self.batches = cfg, layout, pipeline, batches
+        self.optimizer = optimizer
+        self.stage_params = stage_params
+        self.params = [p for ps in stage_params.values() for p in ps.values()]
+        self.total_steps = total_steps
+        self.state = state
+        self.meta, self.lora_saved, self.metrics = meta, lora_saved, metrics
+        self.lr_at = lr_lambda(cfg.lr_scheduler_type, warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+                               total_steps)
+        self.scale = LossScale(cfg.fp16)
+        if state.scaler:
+            self.scale.load_state_dict(state.scaler)
+        self._stop_signal = False
+        self.last_saved = -1
+
+    # --- one optimizer step ------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        cfg, layout = self.cfg, self.layout
+        times: dict[str, float] = {}
+        t = self._tick()
+        batch = self.batches.batch(self.state.consumed_samples, layout.dp_rank)
+        self.pipeline.loss_fn.normalizer = max(1, self._dp_sum(batch.targets_count))
+        self.pipeline.loss_fn.scale = self.scale.scale
+        times["data"], t = self._tock(t)
+
+        loss = self.pipeline.step(batch)
+        times["pipeline"], t = self._tock(t)
+
+        self._all_reduce_grads()
+        local_sq = sum((p.grad.float().pow(2).sum() for p in self.params if p.grad is not None),
+                       torch.zeros((), device=layout.device))
+        shared = torch.stack([
+            loss if loss is not None else torch.zeros((), device=layout.device),
+            local_sq / layout.dp,   # every dp replica now holds the same gradients
+            torch.tensor(float(batch.tokens if layout.pp_rank == 0 else 0), device=layout.device),
+            torch.tensor(float(self._stop_signal), device=layout.device),
+        ]).float()
+        if dist.is_initialized():
+            dist.all_reduce(shared)
+        scale = self.scale.scale
+        loss_val = shared[0].item() / scale
+        grad_norm = math.sqrt(max(shared[1].item(), 0.0)) / scale if math.isfinite(shared[1].item()) else math.inf
+        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+
+        if finite:
+            clip = cfg.max_grad_norm / (grad_norm + 1e-6) if cfg.max_grad_norm > 0 else 1.0
+            factor = min(clip, 1.0) / scale
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * self.lr_at(self.state.global_step)
+            self.optimizer.step()
+            self.state.skipped_steps = 0
+        else:
+            self.state.skipped_steps += 1
+        self.scale.update(overflow=not finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        times["optimizer"], t = self._tock(t)
+
+        self.state.global_step += 1
+        self.state.consumed_samples += self.batches.global_batch
+        self.state.scaler = self.scale.state_dict()
+        return StepResult(loss_val, grad_norm, not finite, int(shared[2].item()), shared[3].item() > 0, times)
+
+    def _all_reduce_grads(self) -> None:
+        """Average LoRA gradients across data-parallel replicas (summed: the loss is already a global mean)."""
+        if self.layout.dp == 1 or not self.params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, group=self.layout.dp_group)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def _dp_sum(self, value: int) -> int:
+        if self.layout.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.layout.device)
+        dist.all_reduce(t, group=self.layout.dp_group)
+        return int(t.item())
+
+    def _tick(self) -> float:
+        if self.cfg.wall_clock_breakdown and self.layout.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _tock(self, start: float) -> tuple[float, float]:
+        now = self._tick()
+        return now - start, now
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        previous = signal.signal(signal.SIGUSR1, self._on_signal) if _main_thread() else None
+        window: list[StepResult] = []
+        window_start = time.perf_counter()
+        try:
+            while self.state.global_step < self.total_steps:
+                result = self.step()
+                window.append(result)
+                self.metrics.advance(None if result.skipped else result.loss)
+                step = self.state.global_step
+                if result.skipped:
+                    log.warning(f"step {step}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                                f"{result.grad_norm}); step skipped on every rank "
+                                f"({self.state.skipped_steps} in a row)")
+                    if self.state.skipped_steps > cfg.max_skipped_steps and not self.scale.enabled:
+                        self._save(step)
+                        raise TrainingStopped(
+                            f"{self.state.skipped_steps} non-finite steps in a row (limit --max_skipped_steps "
+                            f"{cfg.max_skipped_steps}); the last good adapter is saved in "
+                            f"{cfg.output_dir}/checkpoint-{step}. Lower --learning_rate or check the data.")
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    self._log(step, window, time.perf_counter() - window_start)
+                    window, window_start = [], time.perf_counter()
+                if cfg.save and (step % cfg.save_steps == 0 or step == self.total_steps or result.stop_requested):
+                    t = time.perf_counter()
+                    self._save(step)
+                    if cfg.wall_clock_breakdown:
+                        log.info(f"step {step}: checkpoint took {time.perf_counter() - t:.2f}s")
+                if result.stop_requested:
+                    log.warning(f"stop requested by a signal: checkpoint-{step} saved, leaving the loop")
+                    break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGUSR1, previous)
+        return self.state
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def _log(self, step: int, window: list[StepResult], seconds: float) -> None:
+        good = [r for r in window if not r.skipped]
+        values = {
+            "loss": sum(r.loss for r in good) / len(good) if good else math.nan,
+            "lr": self.cfg.learning_rate * self.lr_at(step - 1),
+            "grad_norm": good[-1].grad_norm if good else math.nan,
+            "tokens_per_s": sum(r.tokens for r in window) / max(seconds, 1e-9),
+            "peak_mem_gib": self._peak_memory_gib(),
+            "epoch": self.batches.epoch_of(self.state.consumed_samples),
+        }
+        if self.scale.enabled:
+            values["loss_scale"] = self.scale.scale
+        if self.cfg.wall_clock_breakdown:
+            for key in window[0].times:
+                values[f"time_{key}_s"] = sum(r.times[key] for r in window) / len(window)
+        self.metrics.log(step, values)
+
+    def _peak_memory_gib(self) -> float:
+        if self.layout.device.type == "cuda":
+            value = torch.cuda.max_memory_allocated(self.layout.device) / 2**30
+        else:  # resident set size of this process (Linux reports KiB)
+            value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        t = torch.tensor([value], device=self.layout.device)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def _save(self, step: int) -> None:
+        if step == self.last_saved:
+            return
+        save_checkpoint(self.cfg.output_dir, step, layout=self.layout, stage_params=self.stage_params,
+                        optimizer=self.optimizer, scheduler_state={"type": self.cfg.lr_scheduler_type, "step": step},
+                        state=self.state, lora_raw=self.lora_saved, meta=self.meta,
+                        save_total_limit=self.cfg.save_total_limit)
+        self.last_saved = step
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
