@@ -312,24 +312,32 @@ def load_states(ckpt: str, meta: dict, stages: list[int] | None = None) -> list[
     return out
 
 
-def restore(ckpt: str, meta: dict, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-            optimizer: torch.optim.Optimizer, layout, seed: int) -> TrainState:
-    """Load adapter and optimizer state by tensor name (any saved stage count), plus step, data position and,
-    on an unchanged layout, every rank's RNG."""
+def load_adapter(ckpt: str, meta: dict,
+                 stage_params: dict[int, dict[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
+    """Copy the checkpoint's adapter tensors into this rank's parameters, found by global name."""
     params = {name: p for ps in stage_params.values() for name, p in ps.items()}
     tensors = load_adapter_tensors(ckpt, meta, set(params))
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise ConfigError(f"checkpoint {ckpt} lacks {len(missing)} adapter tensors this stage needs "
                           f"(e.g. {missing[0]}); was it trained with another target_modules?")
-    states = load_states(ckpt, meta)
-    by_name = {name: st for payload in states for name, st in payload["optimizer"].items()}
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.dtype))
-            if name in by_name:
-                optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
-                                      for k, v in by_name[name].items()}
+    return params
+
+
+def restore(ckpt: str, meta: dict, stage_params: dict[int, dict[str, torch.nn.Parameter]],
+            optimizer: torch.optim.Optimizer, layout, seed: int) -> TrainState:
+    """Load adapter and optimizer state by tensor name (any saved stage count), plus step, data position and,
+    on an unchanged layout, every rank's RNG."""
+    params = load_adapter(ckpt, meta, stage_params)
+    states = load_states(ckpt, meta)
+    by_name = {name: st for payload in states for name, st in payload["optimizer"].items()}
+    for name, p in params.items():
+        if name in by_name:
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                  for k, v in by_name[name].items()}
     first = states[0]
     state = TrainState(global_step=int(first["global_step"]), consumed_samples=int(first["consumed_samples"]),
                        skipped_steps=int(first.get("skipped_steps", 0)), scaler=first.get("scaler") or {})

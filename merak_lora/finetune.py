@@ -59,22 +59,21 @@ class Plan:
     model_config: Any
     specs: list
     lora_cfg: Any
-    lora_raw: dict
     index: WeightIndex
 
 
-def make_plan(cfg: Config, num_stages: int) -> Plan:
+def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
+    """Model config, weight index, stage cuts and resolved LoRA config (None: no adapter), from config alone."""
     model_config = load_model_config(cfg.model_path or cfg.weights_path, cfg.trust_remote_code)
     index = WeightIndex(cfg.weights_path)
-    lora_raw = read_lora_config(cfg.lora_config)
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
     module_names = [n for n, m in skeleton.named_modules()
                     if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"]
-    lora_cfg = build_lora_config(lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts),
-                                 source=cfg.lora_config)
+    lora_cfg = None if lora_raw is None else build_lora_config(
+        lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config)
     specs = plan_stages(skeleton, parts, num_stages, cfg.partition_method)
-    return Plan(model_config, specs, lora_cfg, lora_raw, index)
+    return Plan(model_config, specs, lora_cfg, index)
 
 
 def previous_run(cfg: Config) -> list[str]:
@@ -146,7 +145,7 @@ def run(cfg: Config) -> TrainState:
     stale = previous_run(cfg)
     chunks = cfg.chunks_per_rank()
     pp = cfg.pp or world
-    plan = make_plan(cfg, pp * chunks)
+    plan = make_plan(cfg, pp * chunks, read_lora_config(cfg.lora_config))
     resume_dir = None
     if cfg.resume_peft_from_checkpoint:
         resume_dir = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir)

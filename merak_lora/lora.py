@@ -192,8 +192,9 @@ def canonical_name(param_name: str) -> str:
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable adapter parameters of a stage, keyed by their canonical (global PEFT) names."""
-    return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    """The adapter parameters of a stage (LoRA tensors, and biases when bias training is on), keyed by their
+    canonical (global PEFT) names; frozen ones too, as in inference mode."""
+    return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n}
 
 
 def is_peft(model: nn.Module) -> bool:

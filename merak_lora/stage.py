@@ -189,13 +189,16 @@ class Stage(nn.Module):
             raise StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """kwargs go to the model's forward: position_ids when packed; attention_mask, past_key_values and
+        use_cache when generating."""
+        kwargs.setdefault("use_cache", False)
         self._running = True
         try:
             if self.spec.is_first:
-                out = self.model(input_ids=x, use_cache=False, **kwargs)
+                out = self.model(input_ids=x, **kwargs)
             else:
                 self._received = x
-                out = self.model(inputs_embeds=x, use_cache=False, **kwargs)
+                out = self.model(inputs_embeds=x, **kwargs)
             logits = out.logits if hasattr(out, "logits") else out[0]
             return logits.float()  # the loss works in fp32, as transformers' own loss does
         except StageOutput as done:

@@ -1,0 +1,299 @@
+"""Talking to the model: interactive chat on rank 0's terminal, a one-shot --prompt, or --prompts FILE batches,
+with the base model's answer beside the fine-tuned one under --compare_base.
+
+Under torchrun every rank loads only its stage and generation runs across the pipeline; in a single process the
+whole model runs through transformers' generate() (from a checkpoint, an exported adapter or a merged model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError, help_text, parse_args
+from .generate import LocalGenerator, PipelineGenerator, Sampling
+from .templates import Formatter
+
+log = logging.getLogger("merak_lora")
+
+
+@dataclass
+class GenConfig(Config):
+    """The fine-tuning flags (so gen.sh can reuse run.sh's) plus the generation ones."""
+
+    prompt: str = ""
+    prompts: str = ""
+    output_file: str = ""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: list = None  # type: ignore[assignment]
+    gen_batch_size: int = 8
+    compare_base: bool = False
+    adapter_path: str = ""
+    text_generation: bool = True
+    return_logits: bool = True
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                        self.seed, list(self.stop or []))
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line, or JSON lines with "prompt", "instruction" (+ "input") or "text"."""
+    prompts = []
+    with open(path, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+                text = rec.get("prompt") or rec.get("text") or rec.get("instruction")
+                if not isinstance(text, str):
+                    raise ConfigError(f"{path}: line {n} has no \"prompt\", \"instruction\" or \"text\" field")
+                if rec.get("input"):
+                    text = f"{text}\n{rec['input']}"
+                prompts.append(text)
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts in the file")
+    return prompts
+
+
+class Chat:
+    """Conversation state and prompt formatting around a generator (pipeline or local)."""
+
+    def __init__(self, generator, tokenizer, cfg: GenConfig):
+        self.gen = generator
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.formatter = Formatter(tokenizer, cfg.template)
+        self.sampling = cfg.sampling()
+        self.history: list[dict] = []
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        text = self.formatter.render(system + messages, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    def answer_batch(self, questions: list[str], adapter: bool = True) -> list[str]:
+        prompts = [self.encode([{"role": "user", "content": q}]) for q in questions]
+        return [self.decode(g) for g in self.gen.generate(prompts, self.sampling, adapter)]
+
+    def turn(self, question: str, out: IO[str]) -> None:
+        """One interactive turn: stream the answer(s), keep the fine-tuned one in the history."""
+        messages = self.history + [{"role": "user", "content": question}]
+        prompt = self.encode(messages)
+        variants = [("base", False), ("fine-tuned", True)] if self.cfg.compare_base else [("", True)]
+        answer = ""
+        for label, adapter in variants:
+            if label:
+                out.write(f"[{label}] ")
+            stream = _TextStream(self.tok, out)
+            ids = self.gen.generate([prompt], self.sampling, adapter, stream.on_token)[0]
+            out.write("\n")
+            out.flush()
+            answer = self.decode(ids)
+        self.history = messages + [{"role": "assistant", "content": answer}]
+
+    def interactive(self, inp: IO[str], out: IO[str]) -> None:
+        out.write("merak-lora chat: type a message; /reset clears the conversation, /exit quits.\n")
+        out.flush()
+        while True:
+            out.write(">>> ")
+            out.flush()
+            line = inp.readline()
+            if not line:  # end of input
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/exit":
+                break
+            if text == "/reset":
+                self.history = []
+                out.write("(conversation cleared)\n")
+                continue
+            self.turn(text, out)
+
+    def batch(self, questions: list[str], out_path: str) -> None:
+        rows = []
+        size = max(1, self.cfg.gen_batch_size)
+        for i in range(0, len(questions), size):
+            chunk = questions[i:i + size]
+            tuned = self.answer_batch(chunk, adapter=True)
+            base = self.answer_batch(chunk, adapter=False) if self.cfg.compare_base else [None] * len(chunk)
+            for q, a, b in zip(chunk, tuned, base):
+                rows.append({"prompt": q, "answer": a, **({"base_answer": b} if b is not None else {})})
+            log.info(f"generated {min(i + size, len(questions))}/{len(questions)}")
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log.info(f"wrote {len(rows)} answers to {out_path}")
+
+
+class _TextStream:
+    """Prints the decoded answer as tokens arrive (holding back incomplete multi-byte characters)."""
+
+    def __init__(self, tokenizer, out: IO[str]):
+        self.tok, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def on_token(self, tokens: list[int], done: list[bool]) -> None:
+        if tokens[0] >= 0:
+            self.ids.append(tokens[0])
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not done[0]:
+            return
+        self.out.write(text[self.shown:])
+        self.out.flush()
+        self.shown = len(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# assembly
+
+def build_generator(cfg: GenConfig):
+    """(generator, tokenizer, layout or None): pipeline under torchrun, one process otherwise."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import read_meta, resolve
+    from .layout import env_ranks
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path or cfg.weights_path,
+                                              trust_remote_code=cfg.trust_remote_code)
+    ckpt = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir) if cfg.resume_peft_from_checkpoint else None
+    meta = read_meta(ckpt) if ckpt else None
+    if cfg.adapter_path and ckpt:
+        raise ConfigError("give either --adapter_path (an exported PEFT adapter) or --resume_peft_from_checkpoint")
+    _, world, _ = env_ranks()
+    if world == 1:
+        return _local_generator(cfg, tokenizer, ckpt, meta), tokenizer, None
+    if cfg.adapter_path:
+        raise ConfigError("--adapter_path is for one-process generation; under torchrun pass "
+                          "--resume_peft_from_checkpoint with the training checkpoint")
+    return _pipeline_generator(cfg, tokenizer, ckpt, meta, world)
+
+
+def _dtype(cfg: GenConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+
+
+def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | None) -> LocalGenerator:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import check_compatible, load_adapter
+    from .layout import pick_device
+    from .lora import adapter_params
+
+    device = pick_device(cfg.device, 0)
+    model = AutoModelForCausalLM.from_pretrained(cfg.weights_path, dtype=_dtype(cfg),
+                                                 trust_remote_code=cfg.trust_remote_code).to(device)
+    if cfg.adapter_path:
+        model = PeftModel.from_pretrained(model, cfg.adapter_path)
+    elif ckpt:
+        check_compatible(ckpt, meta, model.config, meta["lora"])
+        lora = {k: v for k, v in meta["lora"].items() if k in LoraConfig.__dataclass_fields__ and
+                k not in ("peft_type", "auto_mapping", "peft_version", "revision")}
+        model = get_peft_model(model, LoraConfig(**{**lora, "inference_mode": True}))
+        load_adapter(ckpt, meta, {0: adapter_params(model)})
+    model.eval()
+    return LocalGenerator(model, tokenizer, model.config)
+
+
+def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
+    from .checkpoint import check_compatible, load_adapter
+    from .finetune import make_plan
+    from .layout import init_distributed
+    from .lora import adapter_params
+    from .stage import build_stage
+
+    pp = cfg.pp or world
+    chunks = cfg.chunks_per_rank()
+    lora_raw = {k: v for k, v in meta["lora"].items() if k != "base_model_name_or_path"} if meta else None
+    plan = make_plan(cfg, pp * chunks, lora_raw)
+    if ckpt:
+        check_compatible(ckpt, meta, plan.model_config, meta["lora"])
+    layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
+    if layout.dp > 1:
+        raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
+    stages = [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device, dtype=_dtype(cfg),
+                          lora_config=plan.lora_cfg, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                          attn_implementation=cfg.attn_implementation)
+              for i in layout.stage_ids()]
+    if ckpt:
+        load_adapter(ckpt, meta, {s.spec.index: adapter_params(s.model) for s in stages})
+    for s in stages:
+        s.eval()
+        for p in s.parameters():
+            p.requires_grad_(False)
+    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
+        else plan.model_config
+    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, text.hidden_size, _dtype(cfg))
+    return gen, tokenizer, layout
+
+
+def run(cfg: GenConfig, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> None:
+    from .metrics import setup_logging
+    from .layout import env_ranks
+
+    rank = env_ranks()[0]
+    setup_logging(rank)
+    if not (cfg.model_path or cfg.resume_from_checkpoint):
+        raise ConfigError("no model: pass --model_path DIR")
+    gen, tokenizer, layout = build_generator(cfg)
+    if rank != 0:
+        gen.serve()
+        return
+    chat = Chat(gen, tokenizer, cfg)
+    try:
+        if cfg.prompts:
+            chat.batch(read_prompts(cfg.prompts), cfg.output_file or os.path.join(cfg.output_dir,
+                                                                                 "generations.jsonl"))
+        elif cfg.prompt:
+            chat.turn(cfg.prompt, out)
+        else:
+            chat.interactive(inp, out)
+    finally:
+        gen.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print("usage: [torchrun ...] launch/gen_text.py --model_path DIR [--resume_peft_from_checkpoint CKPT] "
+              "...\n\n" + help_text(GenConfig))
+        return 0
+    from .layout import env_ranks
+    rank = env_ranks()[0]
+    try:
+        cfg: Any = parse_args(argv, config_cls=GenConfig, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
+        run(cfg)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
