@@ -194,20 +194,17 @@ def build_generator(cfg: GenConfig):
     return _pipeline_generator(cfg, tokenizer, ckpt, meta, world)
 
 
-def _dtype(cfg: GenConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-
-
 def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | None) -> LocalGenerator:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import check_compatible, load_adapter
+    from .finetune import compute_dtype
     from .layout import pick_device
     from .lora import adapter_params
 
     device = pick_device(cfg.device, 0)
-    model = AutoModelForCausalLM.from_pretrained(cfg.weights_path, dtype=_dtype(cfg),
+    model = AutoModelForCausalLM.from_pretrained(cfg.weights_path, dtype=compute_dtype(cfg),
                                                  trust_remote_code=cfg.trust_remote_code).to(device)
     if cfg.adapter_path:
         model = PeftModel.from_pretrained(model, cfg.adapter_path)
@@ -223,10 +220,9 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
 
 def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .checkpoint import check_compatible, load_adapter
-    from .finetune import make_plan
+    from .finetune import build_stages, compute_dtype, make_plan
     from .layout import init_distributed
     from .lora import adapter_params
-    from .stage import build_stage
 
     pp = cfg.pp or world
     chunks = cfg.chunks_per_rank()
@@ -237,10 +233,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
     if layout.dp > 1:
         raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
-    stages = [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device, dtype=_dtype(cfg),
-                          lora_config=plan.lora_cfg, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                          attn_implementation=cfg.attn_implementation)
-              for i in layout.stage_ids()]
+    stages = build_stages(cfg, plan, layout)
     if ckpt:
         load_adapter(ckpt, meta, {s.spec.index: adapter_params(s.model) for s in stages})
     for s in stages:
@@ -249,7 +242,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
             p.requires_grad_(False)
     text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
         else plan.model_config
-    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, text.hidden_size, _dtype(cfg))
+    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, text.hidden_size, compute_dtype(cfg))
     return gen, tokenizer, layout
 
 

@@ -280,6 +280,9 @@ def check_compatible(ckpt: str, meta: dict, model_config, lora_raw: dict) -> Non
             if not os.path.isfile(os.path.join(d, f)):
                 raise ConfigError(f"checkpoint {ckpt} is incomplete: {os.path.join(stage_dir_name(s), f)} is "
                                   "missing; copy the whole checkpoint folder or resume from an earlier one")
+    # Read every file once now, so a truncated copy fails here and not after the model is loaded.
+    load_adapter_tensors(ckpt, meta)
+    load_states(ckpt, meta)
 
 
 def load_adapter_tensors(ckpt: str, meta: dict, names: set[str] | None = None,

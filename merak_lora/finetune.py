@@ -76,6 +76,15 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     return Plan(model_config, specs, lora_cfg, index)
 
 
+def build_stages(cfg: Config, plan: Plan, layout) -> list:
+    """This rank's stages, each holding only its own weights (and LoRA when the plan has a config)."""
+    return [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device,
+                        dtype=compute_dtype(cfg), lora_config=plan.lora_cfg, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                        gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules)
+            for i in layout.stage_ids()]
+
+
 def previous_run(cfg: Config) -> list[str]:
     """The earlier run's entries in output_dir that this run would mix with; refuses unless resuming or
     overwriting (decided before any rank writes, so every rank decides the same)."""
@@ -166,11 +175,7 @@ def run(cfg: Config) -> TrainState:
     batches = build_data(cfg, tokenizer, layout)
 
     dtype = compute_dtype(cfg)
-    stages = [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device, dtype=dtype,
-                          lora_config=plan.lora_cfg, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                          attn_implementation=cfg.attn_implementation,
-                          gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules)
-              for i in layout.stage_ids()]
+    stages = build_stages(cfg, plan, layout)
     for s in stages:
         s.train()
     log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "

@@ -75,8 +75,8 @@ class Pipeline:
                else meta(mbs, seq, self.hidden_size))
         return inp, out
 
-    def _schedule(self, mbs: int, seq: int) -> Any:
-        key = (mbs, seq)
+    def _schedule(self, mbs: int, seq: int, with_loss: bool = True) -> Any:
+        key = (mbs, seq, with_loss)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -87,7 +87,8 @@ class Pipeline:
                                          input_args=(inp,), output_args=(out,), group=self.layout.pp_group))
         cls = SCHEDULE_CLASSES[self.name]
         target = pstages[0] if self.name in SINGLE_STAGE else pstages
-        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss_fn, scale_grads=False)
+        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss_fn if with_loss else None,
+                    scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > 2:
             self._schedules.popitem(last=False)
@@ -106,6 +107,31 @@ class Pipeline:
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         sched.step(*args, target=targets if self.holds_last else None, losses=losses, **kwargs)
         return torch.stack([l.detach() for l in losses]).sum() if losses else None
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> torch.Tensor | None:
+        """Forward only: the summed loss of the microbatches where the last stage lives (eval split)."""
+        ids = batch.input_ids.to(self.layout.device)
+        targets = batch.targets.to(self.layout.device)
+        kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(self.layout.device)}
+        if self.layout.pp == 1:
+            return sum((self.loss_fn(self.stages[0](i, **k), t) for i, t, k in
+                        zip(ids.chunk(self.microbatches), targets.chunk(self.microbatches),
+                            _chunk_kwargs(kwargs, self.microbatches))), torch.zeros((), device=ids.device))
+        sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1])
+        losses: list[torch.Tensor] | None = [] if self.holds_last else None
+        sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,
+                   losses=losses, **kwargs)
+        return torch.stack(losses).sum() if losses else None
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Forward only: fp32 logits of the whole batch on the rank holding the last stage."""
+        ids = ids.to(self.layout.device)
+        if self.layout.pp == 1:
+            return torch.cat([self.stages[0](i) for i in ids.chunk(self.microbatches)])
+        sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1], with_loss=False)
+        return sched.step(*((ids,) if self.holds_first else ()))
 
     def _local_step(self, ids: torch.Tensor, targets: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """One stage holds the whole model: plain gradient accumulation over the microbatches."""

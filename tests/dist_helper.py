@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -28,7 +29,9 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, env: di
     import torch
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # plain pickle: tensors travel by value (torch's multiprocessing reducers would share memory that
+        # disappears when this process exits)
+        queue.put((rank, "ok", pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - the parent re-raises with the child's traceback
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -46,7 +49,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, env: dict | None = None, tim
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
