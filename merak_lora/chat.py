@@ -91,7 +91,11 @@ class Chat:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True).strip()
+        """The answer text, cut before the first stop string."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        for stop in self.sampling.stop:
+            text = text.split(stop, 1)[0]
+        return text.strip()
 
     def answer_batch(self, questions: list[str], adapter: bool = True) -> list[str]:
         prompts = [self.encode([{"role": "user", "content": q}]) for q in questions]

@@ -152,6 +152,8 @@ class PipelineGenerator:
         return self.layout.global_rank_of(pp_rank)
 
     def _broadcast(self, obj: object, src: int) -> object:
+        if self.layout.pp == 1:
+            return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.layout.pp_group)
         return box[0]

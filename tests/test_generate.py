@@ -1,0 +1,172 @@
+"""Generation across the pipeline: the same tokens as transformers' generate() on the same model and adapter,
+interactive chat through a pipe, and --compare_base showing what fine-tuning changed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import LORA_CONFIG, SAMPLE
+from dist_helper import run_ranks
+from merak_lora.config import Config
+from test_cli import torchrun
+
+PROMPTS = ["What is your signature tea?", "你是谁？", "Translate the following word into Chinese.\nmoon",
+           "When does the teahouse open?"]
+
+
+def _train(cfg: Config) -> None:
+    from merak_lora.finetune import run
+    run(cfg)
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_llama, tmp_path_factory):
+    """An adapter trained until it repeats four training answers (so it visibly changes the model)."""
+    tmp = tmp_path_factory.mktemp("memorised")
+    records = [r for r in json.load(open(SAMPLE, encoding="utf-8"))
+               if r["instruction"] in ("What is your signature tea?", "When does the teahouse open?",
+                                       "你们有什么招牌茶？", "Who owns the teahouse?")]
+    data = tmp / "four.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    cfg = Config(model_path=tiny_llama, data_path=str(data), lora_config=LORA_CONFIG, output_dir=str(tmp / "out"),
+                 pp=2, max_steps=60, per_device_train_batch_size=2, gradient_accumulation_steps=2, seq_length=128,
+                 learning_rate=1e-2, logging_steps=20, save_steps=60, disable_tqdm=True, report_to="none",
+                 device="cpu")
+    run_ranks(_train, 2, cfg)
+    return os.path.join(cfg.output_dir, "checkpoint-60"), records
+
+
+def _encode(model: str, prompts: list[str]) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(model)
+    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                    tokenize=False) for p in prompts], tok
+
+
+def _pipeline_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int, sampling: dict):
+    from merak_lora.chat import GenConfig, build_generator
+    cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=max_new, device="cpu",
+                    **sampling)
+    gen, _, layout = build_generator(cfg)
+    if layout is not None and layout.rank != 0:
+        gen.serve()
+        return None
+    tuned = gen.generate(prompts, cfg.sampling(), adapter=True)
+    base = gen.generate(prompts, cfg.sampling(), adapter=False)
+    gen.close()
+    return tuned, base
+
+
+def _ids(model: str) -> list[list[int]]:
+    texts, tok = _encode(model, PROMPTS)
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _hf_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from merak_lora.export import export_adapter
+    from merak_lora.generate import left_pad
+
+    tok = AutoTokenizer.from_pretrained(model)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, export_adapter(ckpt, ckpt + "-peft")).eval()
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        rows.append(row[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_greedy_equals_transformers_generate(tiny_llama, memorised, pp):
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise the left padding"
+    tuned, base = run_ranks(_pipeline_generate, pp, tiny_llama, ckpt, prompts, 24, {})[0]
+    reference = _hf_generate(tiny_llama, ckpt, prompts, 24)
+    assert tuned == reference
+    assert tuned != base, "the adapter changed no token, so the comparison would prove little"
+
+
+def test_sampling_is_the_same_on_one_and_two_stages(tiny_llama, memorised):
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    sampling = dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, seed=11)
+    two = run_ranks(_pipeline_generate, 2, tiny_llama, ckpt, prompts, 16, sampling)[0]
+    # one process through the same stage machinery (pp=1), not transformers' generate
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=16, device="cpu",
+                    **sampling)
+    from merak_lora.checkpoint import read_meta
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    one = gen.generate(prompts, cfg.sampling(), adapter=True)
+    assert one == two[0]
+    greedy = run_ranks(_pipeline_generate, 2, tiny_llama, ckpt, prompts, 16, {})[0][0]
+    assert one != greedy, "sampling settings had no effect"
+
+
+def test_compare_base_shows_the_fine_tuned_answer(tiny_llama, memorised, tmp_path):
+    ckpt, records = memorised
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": r["instruction"]}, ensure_ascii=False)
+                                 for r in records[:2]), encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    proc = torchrun(2, "gen_text.py", "--model_path", tiny_llama, "--resume_peft_from_checkpoint", ckpt,
+                    "--prompts", str(prompts), "--output_file", str(out), "--compare_base", "true",
+                    "--max_new_tokens", "80", "--return_logits", "true", "--text_generation", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == [r["instruction"] for r in records[:2]]
+    for row, rec in zip(rows, records):
+        assert row["answer"] == rec["output"]          # the fine-tuned model gives the training answer
+        assert row["base_answer"] != row["answer"]     # the base model does not
+
+
+def test_one_process_from_exported_adapter_and_merged_model(tiny_llama, memorised, tmp_path):
+    """No torchrun: the exported PEFT adapter, and the merged model, answer as the pipeline does."""
+    from merak_lora.chat import main
+    from merak_lora.export import export_adapter, merge
+
+    ckpt, records = memorised
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(r["instruction"] for r in records), encoding="utf-8")
+    adapter = export_adapter(ckpt, str(tmp_path / "adapter"))
+    merged = merge(ckpt, str(tmp_path / "merged"))
+    answers = {}
+    for name, flags in {"adapter": ["--model_path", tiny_llama, "--adapter_path", adapter],
+                        "merged": ["--model_path", merged],
+                        "stop": ["--model_path", merged, "--stop", "Longjing", "morning"]}.items():
+        out = tmp_path / f"{name}.jsonl"
+        assert main([*flags, "--prompts", str(prompts), "--output_file", str(out), "--max_new_tokens", "80"]) == 0
+        answers[name] = [json.loads(l)["answer"] for l in out.read_text(encoding="utf-8").splitlines()]
+    assert answers["adapter"] == answers["merged"] == [r["output"] for r in records]
+    assert answers["stop"][0] == "We open at eight in the"  # cut before the first stop string
+    assert answers["stop"][2] == records[2]["output"]          # no stop string in this one
+
+
+def test_interactive_chat_through_a_pipe(tiny_llama, memorised):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    ckpt, records = memorised
+    typed = f"{records[0]['instruction']}\n/reset\n{records[1]['instruction']}\n/exit\nnever read\n"
+    cmd_flags = ["--model_path", tiny_llama, "--resume_peft_from_checkpoint", ckpt, "--max_new_tokens", "80"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(ROOT, "launch", "gen_text.py"), *cmd_flags], input=typed,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count(">>> ") == 4          # question, /reset, question, /exit; the line after /exit is not read
+    assert records[0]["output"] in out and records[1]["output"] in out
+    assert "(conversation cleared)" in out
