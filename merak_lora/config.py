@@ -54,6 +54,9 @@ class Config:
                                    default=False)
     packing: bool = _help("Pack several short records into one sequence (attention stays per record).",
                           default=False)
+    eval_data_path: str = _help("Held-out records for an eval loss.", default="")
+    eval_ratio: float = _help("Hold out this fraction of --data_path for the eval loss.", default=0.0)
+    eval_steps: int = _help("Eval loss every N steps (and at the end); 0 means every --save_steps.", default=0)
     data_cache_dir: str = _help("Where tokenized data is cached; default <output_dir>/data_cache.", default="")
     pad_to_multiple_of: int = _help("Round each step's padded length up to this.", default=8)
     # --- batch and schedule --------------------------------------------------------------------------
@@ -265,6 +268,9 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.save_total_limit >= 0, "--save_total_limit must be >= 0 (0 keeps all)")
     need(cfg.max_steps > 0 or cfg.num_train_epochs > 0, "set --max_steps > 0 or --num_train_epochs > 0")
     need(0.0 <= cfg.warmup_ratio < 1.0, "--warmup_ratio must be in [0, 1)")
+    need(0.0 <= cfg.eval_ratio < 1.0, "--eval_ratio must be in [0, 1)")
+    need(not (cfg.eval_ratio and cfg.eval_data_path), "give --eval_data_path or --eval_ratio, not both")
+    need(cfg.eval_steps >= 0, "--eval_steps must be >= 0")
     need(cfg.warmup_steps >= 0, "--warmup_steps must be >= 0")
     need(cfg.dist_timeout > 0, "--dist_timeout must be a positive number of seconds")
     need(cfg.max_skipped_steps >= 0, "--max_skipped_steps must be >= 0")

@@ -13,8 +13,10 @@ kept. A record left with no answer token is dropped. Both counts are logged.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -23,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import ConfigError
 from .templates import Formatter
@@ -84,10 +88,6 @@ def list_files(path: str) -> list[str]:
     return [path]
 
 
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
 def read_file(path: str, skip_bad: bool, stats: TokenStats) -> Iterator[tuple[Any, str]]:
     """Yield (record, where) from a JSON array, JSON lines, or back-to-back JSON objects."""
     try:
@@ -100,6 +100,14 @@ def read_file(path: str, skip_bad: bool, stats: TokenStats) -> Iterator[tuple[An
         raise DataError(f"{path}: the file is empty")
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
+    line, counted = 1, 0  # line number of `pos`, counted incrementally (files hold 100k+ records)
+
+    def line_at(p: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, p)
+        counted = p
+        return line
+
     if text[pos] == "[":
         try:
             items = json.loads(text)
@@ -112,18 +120,18 @@ def read_file(path: str, skip_bad: bool, stats: TokenStats) -> Iterator[tuple[An
         try:
             item, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            line = _line_of(text, e.pos)
+            bad_line = line_at(e.pos)
             if not skip_bad:
-                raise DataError(f"{path}: invalid JSON at line {line}: {e.msg} "
+                raise DataError(f"{path}: invalid JSON at line {bad_line}: {e.msg} "
                                 "(or pass --skip_bad_records true to skip such records)") from None
             stats.skipped_bad += 1
-            stats.bad_examples.append(f"{name}, line {line}: invalid JSON")
+            stats.bad_examples.append(f"{name}, line {bad_line}: invalid JSON")
             nxt = text.find("\n{", e.pos)  # resynchronise at the next object that starts a line
             if nxt < 0:
                 return
             pos = nxt + 1
             continue
-        yield item, f"{name}, line {_line_of(text, pos)}"
+        yield item, f"{name}, line {line_at(pos)}"
         pos = end
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
@@ -234,11 +242,10 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def exchanges(self, conv: list[dict], where: str) -> list[tuple[list[int], list[int]]]:
-        """[(prompt ids, answer ids)] per assistant turn; each answer ends with exactly one EOS, and what the
-        template writes after it (a newline) opens the next prompt."""
-        out: list[tuple[list[int], list[int]]] = []
-        done, carry = "", []
+    def texts(self, conv: list[dict], where: str) -> list[tuple[str, str]]:
+        """(prompt text, answer text) per assistant turn, each prompt starting where the last answer ended."""
+        out: list[tuple[str, str]] = []
+        done = ""
         for i, m in enumerate(conv):
             if m["role"] != "assistant":
                 continue
@@ -247,18 +254,32 @@ class Encoder:
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise DataError(f"{where}: the {self.fmt.name} template does not render this conversation "
                                 "incrementally, so the answer tokens cannot be found; pass --template NAME")
-            answer = self._ids(full[len(prompt):])
+            out.append((prompt[len(done):], full[len(prompt):]))
+            done = full
+        return out
+
+    def from_ids(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """[(prompt ids, answer ids)]: each answer ends with exactly one EOS, and what the template writes
+        after it (a newline) opens the next prompt."""
+        out, carry = [], []
+        for prompt, answer in pairs:
             if self.eos in answer:
                 cut = answer.index(self.eos) + 1
                 answer, tail = answer[:cut], answer[cut:]
             else:
                 answer, tail = answer + [self.eos], []
-            out.append((carry + self._ids(prompt[len(done):]), answer))
-            done, carry = full, tail
+            out.append((carry + prompt, answer))
+            carry = tail
         return out
 
-    def encode(self, conv: list[dict], where: str, stats: TokenStats) -> Example | None:
-        exchanges = self.exchanges(conv, where)
+    def exchanges(self, conv: list[dict], where: str) -> list[tuple[list[int], list[int]]]:
+        return self.from_ids([(self._ids(p), self._ids(a)) for p, a in self.texts(conv, where)])
+
+    def encode(self, conv: list[dict], where: str, stats: TokenStats,
+               exchanges: list[tuple[list[int], list[int]]] | None = None) -> Example | None:
+        """The example for one conversation (its exchanges may come already tokenized, in bulk)."""
+        if exchanges is None:
+            exchanges = self.exchanges(conv, where)
         if sum(len(p) + len(a) for p, a in exchanges) > self.seq_length:
             stats.truncated += 1
             exchanges = self._truncate(conv, exchanges, where)
@@ -304,7 +325,9 @@ class TokenizedData:
         return len(self.examples)
 
 
-def tokenize_records(spec: DataSpec, tokenizer) -> TokenizedData:
+def tokenize_records(spec: DataSpec, tokenizer, progress: bool = False, chunk: int = 4096) -> TokenizedData:
+    """Every record of the data path as an example. Templates are rendered per record; the texts of `chunk`
+    records go to the (Rust, multi-threaded) tokenizer in one call."""
     formatter = Formatter(tokenizer, spec.template)
     encoder = Encoder(tokenizer, formatter, spec.seq_length)
     fmap = parse_field_map(spec.field_map)
@@ -312,21 +335,40 @@ def tokenize_records(spec: DataSpec, tokenizer) -> TokenizedData:
         raise ConfigError(f"--data_format {spec.data_format!r} is not one of {', '.join(FORMATS)}")
     stats = TokenStats()
     examples: list[Example] = []
-    files = list_files(spec.path)
-    for path in files:
+    pending: list[tuple[list[dict], str, list[tuple[str, str]]]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="tokenizing", unit="rec", mininterval=2.0)
+
+    def flush() -> None:
+        flat = [t for _, _, pairs in pending for pair in pairs for t in pair]
+        ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+        for conv, where, pairs in pending:
+            exchanges = encoder.from_ids([(next(ids), next(ids)) for _ in pairs])
+            ex = encoder.encode(conv, where, stats, exchanges)
+            if ex is not None:
+                examples.append(ex)
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
+
+    for path in list_files(spec.path):
         for rec, where in read_file(path, spec.skip_bad_records, stats):
             stats.records += 1
             try:
                 conv = to_conversation(rec, where, spec.data_format, fmap, spec.system)
-                ex = encoder.encode(conv, where, stats)
+                pending.append((conv, where, encoder.texts(conv, where)))
             except DataError as e:
                 if not spec.skip_bad_records:
                     raise DataError(f"{e} (or pass --skip_bad_records true to skip such records)") from None
                 stats.skipped_bad += 1
                 stats.bad_examples.append(str(e))
-                continue
-            if ex is not None:
-                examples.append(ex)
+            if len(pending) >= chunk:
+                flush()
+    flush()
+    if bar is not None:
+        bar.close()
     if not examples:
         raise DataError(f"{spec.path}: no usable records ({stats.records} read, {stats.skipped_bad} bad, "
                         f"{stats.dropped} too long for --seq_length {spec.seq_length})")
@@ -347,27 +389,34 @@ def cache_key(spec: DataSpec, tokenizer) -> str:
 
 
 def save_cache(path: str, data: TokenizedData) -> None:
-    payload = {"examples": [[e.ids, [int(t) for t in e.trained], e.source] for e in data.examples],
-               "stats": dataclasses.asdict(data.stats)}
+    """Tokens as flat int32/uint8 tensors in safetensors (fast to load, nothing executable), written atomically."""
+    lengths = [len(e.ids) for e in data.examples]
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+    ids = torch.tensor([t for e in data.examples for t in e.ids], dtype=torch.int32)
+    trained = torch.tensor([t for e in data.examples for t in e.trained], dtype=torch.uint8)
+    meta = {"stats": json.dumps(dataclasses.asdict(data.stats), ensure_ascii=False),
+            "sources": json.dumps([e.source for e in data.examples], ensure_ascii=False)}
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, ensure_ascii=False, separators=(",", ":"))
+    save_file({"ids": ids, "trained": trained, "offsets": offsets}, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
 def load_cache(path: str) -> TokenizedData:
-    with open(path, encoding="utf-8") as fh:
-        payload = json.load(fh)
-    examples = [Example(ids, [bool(t) for t in tr], src) for ids, tr, src in payload["examples"]]
-    return TokenizedData(examples, TokenStats(**payload["stats"]))
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+        ids, trained, offsets = (fh.get_tensor(k) for k in ("ids", "trained", "offsets"))
+    ids_list, trained_list, bounds = ids.tolist(), trained.bool().tolist(), offsets.tolist()
+    sources = json.loads(meta["sources"])
+    examples = [Example(ids_list[a:b], trained_list[a:b], src) for a, b, src in zip(bounds, bounds[1:], sources)]
+    return TokenizedData(examples, TokenStats(**json.loads(meta["stats"])))
 
 
-def prepare(spec: DataSpec, tokenizer, cache_dir: str) -> tuple[TokenizedData, bool, str]:
+def prepare(spec: DataSpec, tokenizer, cache_dir: str, progress: bool = False) -> tuple[TokenizedData, bool, str]:
     """Tokenized data and its cache file, read from the cache when one matches (and whether it did)."""
-    path = os.path.join(cache_dir, f"tokens-{cache_key(spec, tokenizer)}.json")
+    path = os.path.join(cache_dir, f"tokens-{cache_key(spec, tokenizer)}.safetensors")
     if os.path.isfile(path):
         return load_cache(path), True, path
-    data = tokenize_records(spec, tokenizer)
+    data = tokenize_records(spec, tokenizer, progress)
     os.makedirs(cache_dir, exist_ok=True)
     save_cache(path, data)
     return data, False, path
@@ -376,22 +425,31 @@ def prepare(spec: DataSpec, tokenizer, cache_dir: str) -> tuple[TokenizedData, b
 # ---------------------------------------------------------------------------------------------------------
 # tokens -> microbatches
 
+def split_eval(examples: list[Example], ratio: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded hold-out of `ratio` of the examples (at least one) for the eval loss."""
+    order = list(range(len(examples)))
+    random.Random(seed + 1).shuffle(order)
+    n_eval = max(1, int(len(examples) * ratio))
+    held = set(order[:n_eval])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
 def pack(examples: list[Example], seq_length: int, seed: int) -> list[list[Example]]:
-    """First-fit packing of examples (in a seeded order) into sequences of at most seq_length tokens."""
+    """Best-fit packing of examples (in a seeded order) into sequences of at most seq_length tokens."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     bins: list[list[Example]] = []
-    room: list[int] = []
+    rooms: list[tuple[int, int]] = []  # (room left, bin index), kept sorted
     for i in order:
         ex = examples[i]
-        for b, left in enumerate(room):
-            if len(ex.ids) <= left:
-                bins[b].append(ex)
-                room[b] -= len(ex.ids)
-                break
+        at = bisect.bisect_left(rooms, (len(ex.ids), -1))
+        if at < len(rooms):
+            room, b = rooms.pop(at)
+            bins[b].append(ex)
+            bisect.insort(rooms, (room - len(ex.ids), b))
         else:
             bins.append([ex])
-            room.append(seq_length - len(ex.ids))
+            bisect.insort(rooms, (seq_length - len(ex.ids), len(bins) - 1))
     return bins
 
 
@@ -409,7 +467,7 @@ class Batch:
 def collate(samples: list[list[Example]], pad_id: int, multiple: int, seq_length: int) -> Batch:
     """Pad every sample to the longest in the step (rounded up to `multiple`), shift labels."""
     lengths = [sum(len(e.ids) for e in s) for s in samples]
-    width = min(seq_length, -(-max(lengths) // multiple) * multiple)
+    width = min(seq_length, -(-max(max(lengths), 1) // multiple) * multiple)
     n = len(samples)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     targets = torch.full((n, width), IGNORE, dtype=torch.long)
@@ -476,6 +534,14 @@ class Batches:
 
     def batch(self, consumed: int, dp_rank: int) -> Batch:
         return collate(self.step_samples(consumed, dp_rank), self.pad_id, self.multiple, self.seq_length)
+
+    def sequential(self, dp_rank: int) -> Iterator[Batch]:
+        """Every sample once, in order, a global batch at a time (an eval pass); rows past the end are empty
+        (all padding, no targets) so every replica runs the same number of full-shaped steps."""
+        for start in range(0, len(self.samples), self.global_batch):
+            first = start + dp_rank * self.per_replica
+            rows = [self.samples[i] if i < len(self.samples) else [] for i in range(first, first + self.per_replica)]
+            yield collate(rows, self.pad_id, self.multiple, self.seq_length)
 
     def epoch_of(self, consumed: int) -> float:
         return consumed / len(self.samples)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .checkpoint import TrainState, check_compatible, config_hash, read_meta, resolve, restore, versions
 from .config import Config, ConfigError, help_text, parse_args, validate
-from .data import Batches, DataSpec, load_cache, pack, prepare
+from .data import Batches, DataSpec, TokenizedData, load_cache, pack, prepare, split_eval
 from .layout import env_ranks, init_distributed
 from .lora import adapter_params, build_lora_config, read_lora_config
 from .metrics import Metrics, add_log_file, setup_logging
@@ -124,27 +124,44 @@ def on_rank0_then_share(layout, fn: Callable[[], Any]) -> Any:
     return payload
 
 
-def build_data(cfg: Config, tokenizer, layout) -> Batches:
-    spec = DataSpec(cfg.data_path, cfg.data_format, cfg.field_map, cfg.template, cfg.system, cfg.seq_length,
+def _tokenized(cfg: Config, path: str, tokenizer, layout, what: str) -> TokenizedData:
+    """Tokenize on rank 0 (or find the cache), then every other rank reads the cache rank 0 wrote."""
+    spec = DataSpec(path, cfg.data_format, cfg.field_map, cfg.template, cfg.system, cfg.seq_length,
                     cfg.skip_bad_records, cfg.packing)
     cache_dir = cfg.data_cache_dir or os.path.join(cfg.output_dir, "data_cache")
+    mine: list[TokenizedData] = []
 
     def tokenize() -> str:
-        data, hit, path = prepare(spec, tokenizer, cache_dir)
+        data, hit, cache = prepare(spec, tokenizer, cache_dir, progress=not cfg.disable_tqdm)
         s = data.stats
-        log.info(f"data: {len(data)} examples from {s.records} records ({'cached' if hit else 'tokenized'}); "
+        log.info(f"{what}: {len(data)} examples from {s.records} records ({'cached' if hit else 'tokenized'}); "
                  f"{s.truncated} truncated to --seq_length {cfg.seq_length}, {s.dropped} dropped, "
                  f"{s.skipped_bad} bad records skipped")
         for example in s.bad_examples[:5]:
             log.warning(f"skipped: {example}")
-        return path
+        mine.append(data)
+        return cache
 
-    path = on_rank0_then_share(layout, tokenize)
-    data = load_cache(path)
-    samples = pack(data.examples, cfg.seq_length, cfg.seed) if cfg.packing else [[e] for e in data.examples]
+    cache = on_rank0_then_share(layout, tokenize)
+    return mine[0] if mine else load_cache(cache)
+
+
+def build_data(cfg: Config, tokenizer, layout) -> tuple[Batches, Batches | None]:
+    """The training stream and, when asked for, the eval set."""
+    train = _tokenized(cfg, cfg.data_path, tokenizer, layout, "data").examples
+    held: list = []
+    if cfg.eval_data_path:
+        held = _tokenized(cfg, cfg.eval_data_path, tokenizer, layout, "eval data").examples
+    elif cfg.eval_ratio:
+        train, held = split_eval(train, cfg.eval_ratio, cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Batches(samples, cfg.per_device_train_batch_size, cfg.microbatches, layout.dp, cfg.seed, pad,
-                   cfg.pad_to_multiple_of, cfg.seq_length)
+
+    def batches(examples: list) -> Batches:
+        samples = pack(examples, cfg.seq_length, cfg.seed) if cfg.packing else [[e] for e in examples]
+        return Batches(samples, cfg.per_device_train_batch_size, cfg.microbatches, layout.dp, cfg.seed, pad,
+                       cfg.pad_to_multiple_of, cfg.seq_length)
+
+    return batches(train), (batches(held) if held else None)
 
 
 def run(cfg: Config) -> TrainState:
@@ -172,7 +189,7 @@ def run(cfg: Config) -> TrainState:
     log.info(f"{world} ranks: {layout.dp} pipeline replica(s) x {layout.pp} ranks x {chunks} stage(s) per rank, "
              f"schedule {cfg.pipeline_schedule}, device {layout.device.type}; layer split "
              f"{[(s.start, s.stop) for s in plan.specs]}")
-    batches = build_data(cfg, tokenizer, layout)
+    batches, eval_batches = build_data(cfg, tokenizer, layout)
 
     dtype = compute_dtype(cfg)
     stages = build_stages(cfg, plan, layout)
@@ -203,7 +220,7 @@ def run(cfg: Config) -> TrainState:
     metrics = Metrics(cfg.output_dir, layout.rank == 0, total, state.global_step, cfg.report_to == "tensorboard",
                       progress=not cfg.disable_tqdm)
     trainer = Trainer(cfg, layout, pipeline, batches, optimizer, stage_params, total, state, meta, lora_saved,
-                      metrics)
+                      metrics, eval_batches)
     log.info(f"training {total} steps of {batches.global_batch} sequences "
              f"({cfg.per_device_train_batch_size} per microbatch x {cfg.microbatches} microbatches x "
              f"{layout.dp} replicas); {sum(p.numel() for p in params)} trainable parameters on this rank")

@@ -73,7 +73,8 @@ class Metrics:
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in values.items()]
+        head = f"step {step}/{self.total}" if prefix == "train" else f"{prefix} at step {step}/{self.total}"
+        parts = [head] + [f"{k} {_fmt(v)}" for k, v in values.items()]
         line = " | ".join(parts)
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)

@@ -44,8 +44,11 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, batches: Batches,
                  optimizer: torch.optim.Optimizer, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-                 total_steps: int, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics):
+                 total_steps: int, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics,
+                 eval_batches: Batches | None = None):
         self.cfg, self.layout, self.pipeline, self.batches = cfg, layout, pipeline, batches
+        self.eval_batches = eval_batches
+        self.eval_every = cfg.eval_steps or cfg.save_steps
         self.optimizer = optimizer
         self.stage_params = stage_params
         self.params = [p for ps in stage_params.values() for p in ps.values()]
@@ -164,6 +167,8 @@ class Trainer:
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
                     self._log(step, window, time.perf_counter() - window_start)
                     window, window_start = [], time.perf_counter()
+                if self.eval_batches is not None and (step % self.eval_every == 0 or step == self.total_steps):
+                    self.metrics.log(step, {"loss": self.evaluate()}, prefix="eval")
                 if cfg.save and (step % cfg.save_steps == 0 or step == self.total_steps or result.stop_requested):
                     t = time.perf_counter()
                     self._save(step)
@@ -176,6 +181,29 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGUSR1, previous)
         return self.state
+
+    def evaluate(self) -> float:
+        """Token-mean loss over the whole eval set (every replica takes its slice of each batch)."""
+        layout = self.layout
+        loss_fn = self.pipeline.loss_fn
+        loss_fn.normalizer, loss_fn.scale = 1.0, 1.0
+        total = torch.zeros((), device=layout.device)
+        tokens = 0
+        for stage in self.pipeline.stages:
+            stage.eval()
+        try:
+            for batch in self.eval_batches.sequential(layout.dp_rank):
+                out = self.pipeline.evaluate(batch)
+                if out is not None:
+                    total += out.float()
+                tokens += batch.targets_count if layout.pp_rank == 0 else 0
+        finally:
+            for stage in self.pipeline.stages:
+                stage.train()
+        both = torch.stack([total, torch.tensor(float(tokens), device=layout.device)])
+        if dist.is_initialized():
+            dist.all_reduce(both)
+        return both[0].item() / max(both[1].item(), 1.0)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True
