@@ -159,6 +159,8 @@ def save_checkpoint(output_dir: str, step: int, *, layout, stage_params: dict[in
             error = f"rank 0: {e}"
     errors = _all_ok(error) if not errors else errors
     if errors:
+        if layout.rank == 0:  # the half-written folder is never used; give its space back
+            shutil.rmtree(partial, ignore_errors=True)
         previous = read_latest(output_dir)
         raise CheckpointError(f"saving checkpoint-{step} failed ({'; '.join(errors)}); "
                               f"the previous checkpoint ({previous or 'none'}) is intact")

@@ -163,15 +163,15 @@ def _convert(flag: str, kind: Any, values: list[str]) -> Any:
     if len(values) != 1:
         raise ConfigError(f"--{flag} takes one value, got {len(values)}: {' '.join(values)}")
     text = values[0]
+    if kind is bool:
+        return _to_bool(flag, text)
     try:
-        if kind is bool:
-            return _to_bool(flag, text)
         if kind is int:
             return int(text)
         if kind is float:
             return float(text)
     except ValueError:
-        raise ConfigError(f"--{flag} takes a {kind.__name__}, got {text!r}") from None
+        raise ConfigError(f"--{flag} takes {'an integer' if kind is int else 'a number'}, got {text!r}") from None
     return text
 
 

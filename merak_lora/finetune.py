@@ -17,11 +17,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .checkpoint import TrainState, check_compatible, config_hash, read_meta, resolve, restore, versions
+from . import failures
+from .checkpoint import (CheckpointError, TrainState, check_compatible, config_hash, read_meta, resolve, restore,
+                         versions)
 from .config import Config, ConfigError, help_text, parse_args, validate
 from .data import Batches, DataSpec, TokenizedData, load_cache, pack, prepare, split_eval
 from .layout import env_ranks, init_distributed
-from .lora import adapter_params, build_lora_config, read_lora_config
+from .lora import adapter_numel, adapter_params, build_lora_config, read_lora_config
 from .metrics import Metrics, add_log_file, setup_logging
 from .models import find_parts, linear_names
 from .optim import make_optimizer
@@ -60,6 +62,7 @@ class Plan:
     specs: list
     lora_cfg: Any
     index: WeightIndex
+    adapter_numel: int = 0
 
 
 def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
@@ -73,7 +76,8 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     lora_cfg = None if lora_raw is None else build_lora_config(
         lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config)
     specs = plan_stages(skeleton, parts, num_stages, cfg.partition_method)
-    return Plan(model_config, specs, lora_cfg, index)
+    numel = adapter_numel(lora_cfg, skeleton) if lora_cfg is not None else 0
+    return Plan(model_config, specs, lora_cfg, index, numel)
 
 
 def build_stages(cfg: Config, plan: Plan, layout) -> list:
@@ -83,6 +87,32 @@ def build_stages(cfg: Config, plan: Plan, layout) -> list:
                         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
                         gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules)
             for i in layout.stage_ids()]
+
+
+def check_fits(cfg: Config, plan: Plan) -> None:
+    """Sizes that cannot work: sequences longer than the model's positions, checkpoints the disk cannot hold."""
+    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
+        else plan.model_config
+    max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if max_pos and cfg.seq_length > max_pos:
+        raise ConfigError(f"--seq_length {cfg.seq_length} is longer than the model's {max_pos} positions "
+                          f"(max_position_embeddings); use --seq_length {max_pos} or less")
+    if cfg.save:
+        need = plan.adapter_numel * 12 + 2**20  # fp32 adapter + two AdamW moments, plus small files
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        free = shutil.disk_usage(cfg.output_dir).free
+        if free < 2 * need:
+            raise ConfigError(f"--output_dir {cfg.output_dir!r} has {free / 2**20:.0f} MiB free but each "
+                              f"checkpoint needs about {need / 2**20:.0f} MiB (and a save needs room for two); "
+                              "free space or point --output_dir elsewhere")
+
+
+def check_batch(cfg: Config, batches: Batches) -> None:
+    if len(batches.samples) < batches.global_batch:
+        raise ConfigError(f"the data has {len(batches.samples)} sequences but one optimizer step takes "
+                          f"{batches.global_batch} (--per_device_train_batch_size {cfg.per_device_train_batch_size}"
+                          f" x {cfg.microbatches} microbatches x {batches.dp} replicas); lower "
+                          "--gradient_accumulation_steps or --per_device_train_batch_size, or add data")
 
 
 def previous_run(cfg: Config) -> list[str]:
@@ -172,6 +202,7 @@ def run(cfg: Config) -> TrainState:
     chunks = cfg.chunks_per_rank()
     pp = cfg.pp or world
     plan = make_plan(cfg, pp * chunks, read_lora_config(cfg.lora_config))
+    check_fits(cfg, plan)
     resume_dir = None
     if cfg.resume_peft_from_checkpoint:
         resume_dir = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir)
@@ -185,11 +216,13 @@ def run(cfg: Config) -> TrainState:
                               cfg.dist_timeout)
     clear_previous_run(cfg, stale, layout)
     add_log_file(layout.rank, os.path.join(cfg.output_dir, "logs"))
+    failures.register(cfg.output_dir, layout.rank)
     torch.manual_seed(cfg.seed + 1000 * layout.rank)
     log.info(f"{world} ranks: {layout.dp} pipeline replica(s) x {layout.pp} ranks x {chunks} stage(s) per rank, "
              f"schedule {cfg.pipeline_schedule}, device {layout.device.type}; layer split "
              f"{[(s.start, s.stop) for s in plan.specs]}")
     batches, eval_batches = build_data(cfg, tokenizer, layout)
+    check_batch(cfg, batches)
 
     dtype = compute_dtype(cfg)
     stages = build_stages(cfg, plan, layout)
@@ -231,19 +264,33 @@ def run(cfg: Config) -> TrainState:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input, 3 stopped on non-finite steps, 4 another rank failed, 1 this rank failed."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print("usage: torchrun ... launch/finetune.py --flag value ...\n\n" + help_text())
         return 0
-    rank = env_ranks()[0]
+    rank, world, _ = env_ranks()
+    cfg = None
     try:
         cfg = parse_args(argv, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
         run(cfg)
-    except (ConfigError, TrainingStopped) as e:
+    except (ConfigError, TrainingStopped, CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return 2 if isinstance(e, ConfigError) else 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - every failure gets a named cause before the process ends
+        out = cfg.output_dir if cfg else "."
+        if world > 1 and failures.is_peer_failure(e):
+            failures.record(out, rank, e, victim=True)
+            reason = failures.explain(out, world, rank)
+            log.error(f"stopping: {reason} ({type(e).__name__} here on rank {rank})")
+            if rank == 0:
+                print(f"error: {reason}", file=sys.stderr)
+            return 4
+        failures.record(out, rank, e)
+        log.exception(f"rank {rank} failed")
+        return 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

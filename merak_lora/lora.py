@@ -139,6 +139,16 @@ def stage_targets(user: LoraConfig, lm: nn.Module) -> list[str]:
     return names
 
 
+def adapter_numel(user: LoraConfig, lm: nn.Module) -> int:
+    """How many LoRA parameters the whole model gets (for sizing checkpoints before training)."""
+    total = 0
+    for name in stage_targets(user, lm):
+        mod = lm.get_submodule(name)
+        w = mod.weight
+        total += user.r * (w.shape[0] + w.shape[1])
+    return total
+
+
 def _adaptable(mod: nn.Module) -> bool:
     return isinstance(mod, (nn.Linear, nn.Embedding)) or type(mod).__name__ == "Conv1D"
 

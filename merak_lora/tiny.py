@@ -57,13 +57,13 @@ def tiny_config(model_type: str, vocab_size: int, num_layers: int = 4, tie: bool
     heads = 4
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **ids)
     llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=512)
+                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=2048)
     table = {
         "llama": llama_like,
         "mistral": {**llama_like, "sliding_window": 16},
         "qwen2": llama_like,
         "qwen3": {**llama_like, "head_dim": hidden // heads},
-        "gpt2": dict(n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=512, resid_pdrop=0.0,
+        "gpt2": dict(n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=2048, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0),
     }
     if model_type not in table:

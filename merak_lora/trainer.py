@@ -217,6 +217,7 @@ class Trainer:
             "tokens_per_s": sum(r.tokens for r in window) / max(seconds, 1e-9),
             "peak_mem_gib": self._peak_memory_gib(),
             "epoch": self.batches.epoch_of(self.state.consumed_samples),
+            "skipped_steps": sum(r.skipped for r in window),
         }
         if self.scale.enabled:
             values["loss_scale"] = self.scale.scale

@@ -62,3 +62,22 @@ def run_ranks(fn: Callable, world: int, *args: Any, env: dict | None = None, tim
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def _raw_worker(fn: Callable, rank: int, world: int, port: int, args: tuple) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+    torch.set_num_threads(1)
+    code = fn(*args)
+    os._exit(code if isinstance(code, int) else 0)
+
+
+def start_ranks(fn: Callable, world: int, *args: Any) -> list:
+    """Start fn(*args) on `world` ranks and return the processes (for tests that kill or expect failures);
+    each process exits with fn's integer return value."""
+    port = free_port()
+    procs = [_ctx.Process(target=_raw_worker, args=(fn, r, world, port, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
