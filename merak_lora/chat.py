@@ -244,9 +244,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
         s.eval()
         for p in s.parameters():
             p.requires_grad_(False)
-    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
-        else plan.model_config
-    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, text.hidden_size, compute_dtype(cfg))
+    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg))
     return gen, tokenizer, layout
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import sys
 from enum import Enum
@@ -62,22 +63,36 @@ class Plan:
     specs: list
     lora_cfg: Any
     index: WeightIndex
+    hidden_size: int          # width of the activations passed between stages
+    vocab_size: int
     adapter_numel: int = 0
 
 
 def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     """Model config, weight index, stage cuts and resolved LoRA config (None: no adapter), from config alone."""
     model_config = load_model_config(cfg.model_path or cfg.weights_path, cfg.trust_remote_code)
+    if getattr(model_config, "output_router_logits", False):
+        # The router's load-balancing loss mixes every layer's routing statistics, which live on different
+        # stages; the router itself is frozen under LoRA, so the pipeline trains on the language-model loss.
+        log.warning("config.json sets output_router_logits: training without the MoE auxiliary loss")
+        model_config.output_router_logits = False
     index = WeightIndex(cfg.weights_path)
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
     module_names = [n for n, m in skeleton.named_modules()
                     if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"]
     lora_cfg = None if lora_raw is None else build_lora_config(
-        lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config)
+        lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config,
+        param_names=[n for n, _ in skeleton.named_parameters()])
     specs = plan_stages(skeleton, parts, num_stages, cfg.partition_method)
     numel = adapter_numel(lora_cfg, skeleton) if lora_cfg is not None else 0
-    return Plan(model_config, specs, lora_cfg, index, numel)
+    embed = skeleton.get_input_embeddings()
+    head = skeleton.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else embed.num_embeddings
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    # the layers' width (OPT projects its narrower embeddings up to it); remote code may only have the embedding
+    hidden = getattr(text, "hidden_size", None) or embed.embedding_dim
+    return Plan(model_config, specs, lora_cfg, index, hidden, vocab, numel)
 
 
 def build_stages(cfg: Config, plan: Plan, layout) -> list:
@@ -239,10 +254,8 @@ def run(cfg: Config) -> TrainState:
         state = restore(resume_dir, resume_meta, stage_params, optimizer, layout, cfg.seed)
         log.info(f"resumed from {resume_dir} at step {state.global_step}")
 
-    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
-        else plan.model_config
-    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(), text.hidden_size,
-                        text.vocab_size, dtype)
+    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(), plan.hidden_size,
+                        plan.vocab_size, dtype)
     total = cfg.max_steps if cfg.max_steps > 0 else batches.steps_for_epochs(cfg.num_train_epochs)
     lora_saved = {**lora_as_json(plan.lora_cfg), "base_model_name_or_path": os.path.abspath(cfg.weights_path)}
     meta = {"format": 1, "pp": layout.pp, "dp": layout.dp, "num_stages": layout.num_stages,
@@ -263,6 +276,32 @@ def run(cfg: Config) -> TrainState:
         metrics.close()
 
 
+def list_target_modules(cfg: Config) -> str:
+    """The linear modules of a model, from its config alone (built on the meta device), for lora_config.json."""
+    config = load_model_config(cfg.model_path or cfg.weights_path, cfg.trust_remote_code)
+    lm = build_skeleton(config, torch.float32, cfg.trust_remote_code, cfg.attn_implementation)
+    parts = find_parts(lm, config)
+    found: dict[str, list[str]] = {}
+    for name, mod in lm.named_modules():
+        if name.startswith(parts.layers + ".") and (isinstance(mod, torch.nn.Linear)
+                                                    or type(mod).__name__ == "Conv1D"):
+            found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    lines = [f"{config.model_type}: linear modules in the {parts.num_layers} decoder layers (\"target_modules\"):"]
+    for leaf, names in sorted(found.items()):
+        w = lm.get_submodule(names[0]).weight
+        lines.append(f"  {leaf:<24} x{len(names):<4} e.g. {names[0]}  {tuple(w.shape)}")
+    fused = sorted({re.sub(rf"^{re.escape(parts.layers)}\.\d+\.", "", n) for n, p in lm.named_parameters()
+                    if p.dim() == 3})
+    if fused:
+        lines.append(f"fused 3-D parameters (\"target_parameters\"): {', '.join(fused)}")
+    outside = [n for n in parts.pre + parts.post if isinstance(lm.get_submodule(n), torch.nn.Linear)]
+    if outside:
+        lines.append(f"outside the layers: {', '.join(outside)}")
+    from .models import DEFAULT_TARGETS
+    lines.append(f"default target_modules: {list(DEFAULT_TARGETS.get(config.model_type, ())) or 'none (set them)'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 bad input, 3 stopped on non-finite steps, 4 another rank failed, 1 this rank failed."""
     argv = sys.argv[1:] if argv is None else argv
@@ -273,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = parse_args(argv, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
+        if cfg.list_target_modules:
+            if rank == 0:
+                print(list_target_modules(cfg))
+            return 0
         run(cfg)
     except (ConfigError, TrainingStopped, CheckpointError) as e:
         if rank == 0:

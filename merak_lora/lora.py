@@ -99,7 +99,7 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def build_lora_config(raw: dict, model_type: str, module_names: list[str], linear_leaf_names: list[str],
-                      *, source: str = "lora_config.json") -> LoraConfig:
+                      *, source: str = "lora_config.json", param_names: list[str] = ()) -> LoraConfig:
     """The whole-model LoraConfig: default targets by model type, every target checked against the model.
 
     module_names are the full names of the model's adaptable modules (linears, embeddings)."""
@@ -120,6 +120,10 @@ def build_lora_config(raw: dict, model_type: str, module_names: list[str], linea
             raise ConfigError(f"{source}: the target_modules pattern {targets!r} matches no module; "
                               f"linear modules are: {', '.join(linear_leaf_names)}")
     fields["target_modules"] = targets
+    for param in fields.get("target_parameters") or []:
+        if not any(n == param or n.endswith("." + param) for n in param_names):
+            raise ConfigError(f"{source}: target_parameters entry {param!r} matches no parameter of this "
+                              f"{model_type} model (`--list_target_modules true` lists the fused ones)")
     return LoraConfig(**fields)
 
 

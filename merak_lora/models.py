@@ -96,6 +96,11 @@ def find_parts(lm: nn.Module, config) -> ModelParts:
     if head is not None and head in pre:  # an untied head that happens to be an Embedding-like module
         pre.remove(head)
         post.append(head)
+    if out_emb is None:
+        # No head module: the model multiplies by its input embedding (OpenELM's shared input/output layer),
+        # so the last stage needs that matrix too.
+        emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+        post += [name for name, mod in lm.named_modules() if mod is emb and name not in post]
     return ModelParts(layers=layers_name, num_layers=n, pre=tuple(pre), post=tuple(post))
 
 

@@ -24,7 +24,7 @@ from .config import ConfigError
 from .lora import apply_lora
 from .models import ModelParts, find_parts
 from .partition import layer_ranges, split_layers
-from .weights import WeightIndex
+from .weights import KeyMap, WeightIndex
 
 log = logging.getLogger("merak_lora")
 
@@ -216,14 +216,9 @@ def _alias_groups(lm: nn.Module) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
-def _checkpoint_key(name: str, index: WeightIndex, aliases: list[str], prefix: str) -> str | None:
-    """The checkpoint key for a parameter: its own name, a tied alias, or the name without/with the
-    base-model prefix (some checkpoints are saved from the bare model)."""
-    for cand in [name, *aliases]:
-        for key in (cand, cand.removeprefix(prefix + "."), f"{prefix}.{cand}"):
-            if key in index:
-                return key
-    return None
+def _source_name(name: str, keys: KeyMap, aliases: list[str]) -> str | None:
+    """The checkpoint name for a parameter: its own, or that of a tied alias (a head saved as the embedding)."""
+    return next((cand for cand in [name, *aliases] if cand in keys), None)
 
 
 def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
@@ -233,8 +228,8 @@ def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
     for i in range(len(layers)):
         if not spec.start <= i < spec.stop:
             layers[i] = PassThrough(i, tuple_output)
-    dropped = ([] if spec.is_first else list(parts.pre)) + ([] if spec.is_last else list(parts.post))
-    for name in dropped:
+    kept = set(parts.pre if spec.is_first else ()) | set(parts.post if spec.is_last else ())
+    for name in [n for n in (*parts.pre, *parts.post) if n not in kept]:
         mod = lm.get_submodule(name)
         if isinstance(mod, nn.Embedding):
             stub = Absent(name, mod.embedding_dim, lookup=True)
@@ -248,37 +243,36 @@ def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
         setattr(lm.get_submodule(parent) if parent else lm, leaf, stub)
 
 
-def materialize(lm: nn.Module, index: WeightIndex, device: torch.device, dtype: torch.dtype,
+def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.dtype,
                 aliases: dict[str, list[str]], tie: bool = True) -> None:
     """Read this stage's parameters from the checkpoint onto `device`; move buffers there too.
 
     `aliases` (taken before pruning) lets a tied head find the embedding tensor it shares."""
     keep_fp32 = set(getattr(lm, "_keep_in_fp32_modules", None) or [])
-    prefix = getattr(lm, "base_model_prefix", "model")
-    wanted: list[tuple[nn.Module, str, str, str]] = []  # (module, attr, full name, checkpoint key)
+    wanted: list[tuple[nn.Module, str, str, str]] = []  # (module, attr, full name, checkpoint name)
     missing = []
     for mod_name, mod in lm.named_modules():
         for attr, p in list(mod._parameters.items()):
             if p is None:
                 continue
             full = f"{mod_name}.{attr}" if mod_name else attr
-            key = _checkpoint_key(full, index, aliases.get(full, []), prefix)
-            if key is None:
+            source = _source_name(full, keys, aliases.get(full, []))
+            if source is None:
                 missing.append(full)
             else:
-                wanted.append((mod, attr, full, key))
+                wanted.append((mod, attr, full, source))
     if missing:
-        raise ConfigError(f"the weights in {index.folder!r} lack {len(missing)} tensors this stage needs, "
+        raise ConfigError(f"the weights in {keys.index.folder!r} lack {len(missing)} tensors this stage needs, "
                           f"e.g. {missing[:3]}; is this the right model folder for its config.json?")
-    tensors = index.read(sorted({k for *_, k in wanted}), device="cpu")
+    tensors = keys.read(sorted({s for *_, s in wanted}))
     made: dict[tuple[int, str], nn.Parameter] = {}
-    for mod, attr, full, key in wanted:
+    for mod, attr, full, source in wanted:
         meta = mod._parameters[attr]
-        share = (id(meta), key) if tie else (id(mod), attr)
+        share = (id(meta), source) if tie else (id(mod), attr)
         if share not in made:
-            t = tensors[key]
+            t = tensors[source]
             if tuple(t.shape) != tuple(meta.shape):
-                raise ConfigError(f"{index.folder}: tensor {key} has shape {tuple(t.shape)} but the config "
+                raise ConfigError(f"{keys.index.folder}: tensor {source} has shape {tuple(t.shape)} but the config "
                                   f"expects {tuple(meta.shape)}; config.json and the weights disagree")
             target = torch.float32 if any(k in full for k in keep_fp32) else dtype
             t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
@@ -297,8 +291,9 @@ def build_stage(spec: StageSpec, config, index: WeightIndex, *, device: torch.de
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     parts = find_parts(lm, config)
     aliases = _alias_groups(lm)
+    keys = KeyMap(lm, index)  # from the whole skeleton: the conversion rules know the full model
     prune(lm, parts, spec)
-    materialize(lm, index, device, dtype, aliases, tie=tie)
+    materialize(lm, keys, device, dtype, aliases, tie=tie)
     model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm
     stage = Stage(model, spec, parts)
     if gradient_checkpointing:

@@ -58,13 +58,37 @@ def tiny_config(model_type: str, vocab_size: int, num_layers: int = 4, tie: bool
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, **ids)
     llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                       num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=2048)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
     table = {
         "llama": llama_like,
-        "mistral": {**llama_like, "sliding_window": 16},
+        "mistral": {**llama_like, "sliding_window": 8},
+        "mixtral": {**llama_like, **moe, "sliding_window": None},
         "qwen2": llama_like,
         "qwen3": {**llama_like, "head_dim": hidden // heads},
+        "qwen2_moe": {**llama_like, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden,
+                      "shared_expert_intermediate_size": hidden, "decoder_sparse_step": 1},
+        "gemma": {**llama_like, "head_dim": hidden // heads},
+        "gemma2": {**llama_like, "head_dim": hidden // heads, "sliding_window": 8, "layer_types": alternating,
+                   "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16},
+        "gemma3_text": {**llama_like, "head_dim": hidden // heads, "sliding_window": 8, "layer_types": alternating,
+                        "query_pre_attn_scalar": 16},
+        "phi": {**llama_like, "num_key_value_heads": heads, "rope_parameters": {"rope_type": "default",
+                "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        "phi3": {**llama_like, "num_key_value_heads": heads},
         "gpt2": dict(n_embd=hidden, n_layer=num_layers, n_head=heads, n_positions=2048, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0),
+        "gpt_neox": dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                         num_attention_heads=heads, max_position_embeddings=2048),
+        "falcon": dict(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                       num_kv_heads=1, multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                       max_position_embeddings=2048, alibi=False),
+        "opt": dict(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                    word_embed_proj_dim=hidden // 2, max_position_embeddings=2048, dropout=0.0),
+        "deepseek_v2": {**llama_like, "num_key_value_heads": heads, "kv_lora_rank": 16, "q_lora_rank": None,
+                        "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
+                        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": hidden // 2, "first_k_dense_replace": 1},
     }
     if model_type not in table:
         raise SystemExit(f"no tiny config for model type {model_type!r}; known: {', '.join(sorted(table))}")

@@ -96,3 +96,72 @@ class WeightIndex:
 def _dtype_size(name: str) -> int:
     return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}.get(name, 4)
+
+
+class KeyMap:
+    """Which checkpoint tensors make each model parameter.
+
+    Checkpoints are often saved under other names than the modules use (GPT-NeoX's `embed_out`, Mixtral's
+    `block_sparse_moe`), and recent transformers fuses per-expert weights into one 3-D parameter. The rules come
+    from transformers' own conversion mapping, so a stage converts exactly as `from_pretrained` would, but only
+    for the tensors it owns."""
+
+    def __init__(self, lm, index: WeightIndex):
+        self.index = index
+        self.sources: dict[str, list[tuple[str, str | None]]] = {}
+        self.converters: dict[str, object] = {}
+        renamings, converters = _conversion_rules(lm)
+        meta = lm.state_dict(keep_vars=True)
+        prefix = getattr(lm, "base_model_prefix", None)
+        for key in index.keys():
+            name, pattern = key, None
+            if renamings or converters:
+                name, pattern = _rename(key, renamings, converters, prefix, meta)
+            self.sources.setdefault(name, []).append((key, pattern))
+            if pattern is not None:
+                self.converters[name] = next(c for c in converters if pattern in c.source_patterns)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sources
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named parameters' tensors (read on the CPU, converted where the checkpoint stores them split)."""
+        keys = sorted({k for n in names for k, _ in self.sources[n]})
+        raw = self.index.read(keys, device="cpu")
+        out = {}
+        for name in names:
+            srcs = self.sources[name]
+            conv = self.converters.get(name)
+            if conv is None:
+                out[name] = raw[srcs[0][0]]
+                continue
+            grouped: dict[str, list[torch.Tensor]] = {}
+            for key, pattern in sorted(srcs, key=lambda s: _natural(s[0])):
+                grouped.setdefault(pattern, []).append(raw[key])
+            for op in conv.operations:
+                grouped = op.convert(grouped, source_patterns=conv.source_patterns,
+                                     target_patterns=conv.target_patterns, full_layer_name=name, model=None,
+                                     config=None, missing_keys=None)
+            (tensor,) = grouped.values()
+            out[name] = tensor
+        return out
+
+
+def _conversion_rules(lm) -> tuple[list, list]:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # an older transformers: checkpoints use the module names
+        return [], []
+    rules = get_model_conversion_mapping(lm)
+    return ([r for r in rules if isinstance(r, WeightRenaming)],
+            [r for r in rules if isinstance(r, WeightConverter)])
+
+
+def _rename(key, renamings, converters, prefix, meta):
+    from transformers.core_model_loading import rename_source_key
+    return rename_source_key(key, renamings, converters, prefix, meta)
+
+
+def _natural(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in key.split(".")]

@@ -91,8 +91,8 @@ def _pipeline_logits(model: str, ckpt: str, ids: torch.Tensor, pp: int):
     load_adapter(ckpt, meta, {s.spec.index: adapter_params(s.model) for s in stages})
     for s in stages:
         s.eval()
-    pipe = Pipeline(stages, layout, "1f1b", ids.shape[0], TokenLoss(), plan.model_config.hidden_size,
-                    plan.model_config.vocab_size, torch.float32)
+    pipe = Pipeline(stages, layout, "1f1b", ids.shape[0], TokenLoss(), plan.hidden_size,
+                    plan.vocab_size, torch.float32)
     out = pipe.logits(ids)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

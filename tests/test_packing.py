@@ -35,8 +35,8 @@ def _losses(model: str, pp: int) -> tuple[float, float, float] | None:
         batch = collate(samples, tok.pad_token_id, 8, 128)
         if drop_positions:
             batch = dataclasses.replace(batch, position_ids=None)
-        pipe = Pipeline(stages, layout, "1f1b", len(samples), TokenLoss(), plan.model_config.hidden_size,
-                        plan.model_config.vocab_size, torch.float32)
+        pipe = Pipeline(stages, layout, "1f1b", len(samples), TokenLoss(), plan.hidden_size,
+                        plan.vocab_size, torch.float32)
         out = pipe.evaluate(batch)
         return None if out is None else out.item() / batch.targets_count
 
