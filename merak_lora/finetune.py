@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import failures
-from .checkpoint import (CheckpointError, TrainState, check_compatible, config_hash, read_meta, resolve, restore,
-                         versions)
+from . import failures, slurm
+from .checkpoint import (CheckpointError, TrainState, check_compatible, config_hash, read_latest, read_meta, resolve,
+                         restore, versions)
 from .config import Config, ConfigError, help_text, parse_args, validate
 from .data import Batches, DataSpec, TokenizedData, load_cache, pack, prepare, split_eval
 from .layout import env_ranks, init_distributed
@@ -209,10 +209,17 @@ def build_data(cfg: Config, tokenizer, layout) -> tuple[Batches, Batches | None]
     return batches(train), (batches(held) if held else None)
 
 
+class Preempted(RuntimeError):
+    """Stopped by a preemption or time-limit signal after saving a checkpoint (exit code 75: try again)."""
+
+
 def run(cfg: Config) -> TrainState:
     rank, world, _ = env_ranks()
     validate(cfg, world)
     setup_logging(rank)
+    if slurm.restart_count() and not cfg.resume_peft_from_checkpoint and read_latest(cfg.output_dir):
+        log.info(f"Slurm restart {slurm.restart_count()} of this job: resuming from the latest checkpoint")
+        cfg = dataclasses.replace(cfg, resume_peft_from_checkpoint="latest")
     stale = previous_run(cfg)
     chunks = cfg.chunks_per_rank()
     pp = cfg.pp or world
@@ -271,9 +278,14 @@ def run(cfg: Config) -> TrainState:
              f"({cfg.per_device_train_batch_size} per microbatch x {cfg.microbatches} microbatches x "
              f"{layout.dp} replicas); {sum(p.numel() for p in params)} trainable parameters on this rank")
     try:
-        return trainer.train()
+        state = trainer.train()
     finally:
         metrics.close()
+    if trainer.stopped_by_signal:
+        requeued = slurm.requeue() if layout.rank == 0 else False
+        raise Preempted(f"stopped by a signal at step {state.global_step}; the checkpoint is saved"
+                        + (" and the job requeued" if requeued else ""))
+    return state
 
 
 def list_target_modules(cfg: Config) -> str:
@@ -303,7 +315,8 @@ def list_target_modules(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 bad input, 3 stopped on non-finite steps, 4 another rank failed, 1 this rank failed."""
+    """Exit codes: 0 done, 2 bad input, 3 stopped (non-finite steps, failed save), 4 another rank failed,
+    75 preempted after a checkpoint (requeued under Slurm), 1 this rank failed."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
         print("usage: torchrun ... launch/finetune.py --flag value ...\n\n" + help_text())
@@ -317,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(list_target_modules(cfg))
             return 0
         run(cfg)
+    except Preempted as e:
+        log.warning(str(e))
+        return 75
     except (ConfigError, TrainingStopped, CheckpointError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,10 @@ from .schedule import Pipeline
 log = logging.getLogger("merak_lora")
 
 
+# Slurm's --signal=USR1@T (sbatch), submitit's USR2, and the SIGTERM of scancel or of torchrun passing one on.
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
 class TrainingStopped(RuntimeError):
     """Training could not go on (too many non-finite steps); the last good state was saved."""
 
@@ -61,6 +65,7 @@ class Trainer:
         if state.scaler:
             self.scale.load_state_dict(state.scaler)
         self._stop_signal = False
+        self.stopped_by_signal = False
         self.last_saved = -1
 
     # --- one optimizer step ------------------------------------------------------------------------------
@@ -144,8 +149,10 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainState:
+        """Run to the last step, or until a preemption signal: then finish the step, save, and return with
+        `self.stopped_by_signal` set."""
         cfg = self.cfg
-        previous = signal.signal(signal.SIGUSR1, self._on_signal) if _main_thread() else None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPTION_SIGNALS} if _main_thread() else {}
         window: list[StepResult] = []
         window_start = time.perf_counter()
         try:
@@ -175,11 +182,12 @@ class Trainer:
                     if cfg.wall_clock_breakdown:
                         log.info(f"step {step}: checkpoint took {time.perf_counter() - t:.2f}s")
                 if result.stop_requested:
+                    self.stopped_by_signal = True
                     log.warning(f"stop requested by a signal: checkpoint-{step} saved, leaving the loop")
                     break
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGUSR1, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.state
 
     def evaluate(self) -> float:

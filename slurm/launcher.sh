@@ -44,6 +44,8 @@ merak_launch() {
   nproc=${NPROC_PER_NODE:-$gpus}
   [[ "$nproc" -gt 0 ]] || nproc=${CPU_RANKS_PER_NODE:-2}   # no GPU: gloo ranks on the CPU
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # torchrun passes these on to the ranks (instead of dying on USR1), so a preemption signal reaches training
+  export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
   if [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_NTASKS:-}" && -n "${SLURM_PROCID:-}" ]]; then
     export MASTER_ADDR=${MASTER_ADDR:-$(merak_master_addr)}
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # two jobs on one node don't collide

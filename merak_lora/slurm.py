@@ -1,0 +1,38 @@
+"""What a run needs to know about Slurm: whether it was restarted, and how to requeue itself after a
+preemption checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+log = logging.getLogger("merak_lora")
+
+
+def job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def restart_count() -> int:
+    """How many times Slurm has requeued this job (0 on the first run)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def requeue() -> bool:
+    """Put this batch job back in the queue (it restarts from scratch and resumes from `latest`)."""
+    jid = job_id()
+    if jid is None:
+        return False
+    try:
+        subprocess.run(["scontrol", "requeue", jid], check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning(f"could not requeue Slurm job {jid} ({str(detail).strip()}); only batch jobs can be requeued. "
+                    "Resume by hand with --resume_peft_from_checkpoint latest")
+        return False
+    log.warning(f"requeued Slurm job {jid}: it will resume from the checkpoint just written")
+    return True
