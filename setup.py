@@ -15,5 +15,6 @@ setup(
         "tensorboard>=2.18",
         "tqdm",
     ],
-    extras_require={"slurm": ["submitit>=1.5"], "test": ["pytest>=8", "submitit>=1.5"]},
+    extras_require={"slurm": ["submitit>=1.5"], "qlora": ["bitsandbytes>=0.45"],
+                    "test": ["pytest>=8", "submitit>=1.5", "bitsandbytes>=0.45"]},
 )

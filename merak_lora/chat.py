@@ -224,7 +224,7 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
 
 def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .checkpoint import check_compatible, load_adapter
-    from .finetune import build_stages, compute_dtype, make_plan
+    from .finetune import build_stages, checked_quantization, compute_dtype, make_plan
     from .layout import init_distributed
     from .lora import adapter_params
 
@@ -237,7 +237,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
     if layout.dp > 1:
         raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
-    stages = build_stages(cfg, plan, layout)
+    stages = build_stages(cfg, plan, layout, checked_quantization(cfg, layout.device))
     if ckpt:
         load_adapter(ckpt, meta, {s.spec.index: adapter_params(s.model) for s in stages})
     for s in stages:

@@ -23,6 +23,7 @@ MULTI_STAGE_SCHEDULES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev"
 V_SCHEDULES = ("zbv", "dualpipev")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PARTITION_METHODS = ("uniform", "uniform_floor", "parameters")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
 INPUT_NAMES = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
@@ -90,6 +91,15 @@ class Config:
     bf16: bool = _help("bfloat16 base weights and compute.", default=False)
     fp16: bool = _help("float16 base weights with a loss scaler.", default=False)
     max_skipped_steps: int = _help("Stop after this many consecutive non-finite steps.", default=5)
+    optim: str = _help("adamw_torch, or from bitsandbytes: paged_adamw_32bit, adamw_8bit, paged_adamw_8bit.",
+                       default="adamw_torch")
+    # --- QLoRA ----------------------------------------------------------------------------------------
+    load_in_4bit: bool = _help("4-bit base weights (bitsandbytes), quantized as each stage loads them.",
+                               default=False)
+    load_in_8bit: bool = _help("8-bit base weights (bitsandbytes LLM.int8).", default=False)
+    bnb_4bit_quant_type: str = _help("nf4 or fp4.", default="nf4")
+    bnb_4bit_use_double_quant: bool = _help("Quantize the 4-bit quantization constants too.", default=False)
+    bnb_4bit_compute_dtype: str = _help("float32, bfloat16 or float16; default: the training dtype.", default="")
     # --- output ------------------------------------------------------------------------------------
     output_dir: str = _help("Where checkpoints, logs and TensorBoard runs go.", default="output")
     overwrite_output_dir: bool = _help("Allow training into an output_dir that holds another run.", default=False)
@@ -279,6 +289,9 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.pipeline_schedule in SCHEDULES,
          f"--pipeline_schedule {cfg.pipeline_schedule!r} is not one of {', '.join(SCHEDULES)}")
     need(cfg.report_to in ("tensorboard", "none"), "--report_to is tensorboard or none")
+    need(not (cfg.load_in_4bit and cfg.load_in_8bit), "--load_in_4bit and --load_in_8bit are both true; choose one")
+    need(cfg.bnb_4bit_quant_type in ("nf4", "fp4"), "--bnb_4bit_quant_type is nf4 or fp4")
+    need(cfg.optim in OPTIMIZERS, f"--optim {cfg.optim!r} is not one of {', '.join(OPTIMIZERS)}")
     need(cfg.device in ("auto", "cpu", "cuda"), "--device is auto, cpu or cuda")
     need(cfg.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
          "--attn_implementation is sdpa, eager or flash_attention_2")

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from . import failures, slurm
+from . import quant as quantization
 from .checkpoint import (CheckpointError, TrainState, check_compatible, config_hash, read_latest, read_meta, resolve,
                          restore, versions)
 from .config import Config, ConfigError, help_text, parse_args, validate
 from .data import Batches, DataSpec, TokenizedData, load_cache, pack, prepare, split_eval
-from .layout import env_ranks, init_distributed
+from .layout import env_ranks, init_distributed, pick_device
 from .lora import adapter_numel, adapter_params, build_lora_config, read_lora_config
 from .metrics import Metrics, add_log_file, setup_logging
 from .models import find_parts, linear_names
@@ -95,12 +96,20 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     return Plan(model_config, specs, lora_cfg, index, hidden, vocab, numel)
 
 
-def build_stages(cfg: Config, plan: Plan, layout) -> list:
+def checked_quantization(cfg: Config, device: torch.device):
+    """The QLoRA settings, after making sure bitsandbytes can run them here (None without QLoRA)."""
+    quant = quantization.from_flags(cfg, compute_dtype(cfg))
+    if quant is not None:
+        quantization.check_available(quant, device)
+    return quant
+
+
+def build_stages(cfg: Config, plan: Plan, layout, quant=None) -> list:
     """This rank's stages, each holding only its own weights (and LoRA when the plan has a config)."""
     return [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device,
                         dtype=compute_dtype(cfg), lora_config=plan.lora_cfg, seed=cfg.seed,
                         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                        gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules)
+                        gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules, quant=quant)
             for i in layout.stage_ids()]
 
 
@@ -225,6 +234,7 @@ def run(cfg: Config) -> TrainState:
     pp = cfg.pp or world
     plan = make_plan(cfg, pp * chunks, read_lora_config(cfg.lora_config))
     check_fits(cfg, plan)
+    quant = checked_quantization(cfg, pick_device(cfg.device, env_ranks()[2]))
     resume_dir = None
     if cfg.resume_peft_from_checkpoint:
         resume_dir = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir)
@@ -247,15 +257,15 @@ def run(cfg: Config) -> TrainState:
     check_batch(cfg, batches)
 
     dtype = compute_dtype(cfg)
-    stages = build_stages(cfg, plan, layout)
+    stages = build_stages(cfg, plan, layout, quant)
     for s in stages:
         s.train()
     log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "
              f"({len(plan.index.report.keys)} tensors) for stages {layout.stage_ids()}")
     stage_params = {s.spec.index: adapter_params(s.model) for s in stages}
     params = [p for ps in stage_params.values() for p in ps.values()]
-    optimizer = make_optimizer(params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon,
-                               cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optim, params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
+                               cfg.adam_epsilon, cfg.weight_decay)
     state = TrainState()
     if resume_dir:
         state = restore(resume_dir, resume_meta, stage_params, optimizer, layout, cfg.seed)
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: torchrun ... launch/finetune.py --flag value ...\n\n" + help_text())
         return 0
     rank, world, _ = env_ranks()
+    setup_logging(rank)
     cfg = None
     try:
         cfg = parse_args(argv, warn=lambda m: rank == 0 and print(m, file=sys.stderr))

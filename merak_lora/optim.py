@@ -27,11 +27,14 @@ def warmup_steps(total: int, steps: int, ratio: float) -> int:
     return steps if steps > 0 else math.ceil(total * ratio)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], eps: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float],
+                   eps: float, weight_decay: float) -> torch.optim.Optimizer:
     # A rank with no adapter tensors (a stage whose layers hold no target module) still steps in lock-step.
-    return torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=lr, betas=betas, eps=eps,
-                             weight_decay=weight_decay, foreach=False)
+    params = params or [torch.nn.Parameter(torch.zeros(1))]
+    if name != "adamw_torch":
+        from .quant import make_optimizer as bnb_optimizer
+        return bnb_optimizer(name, params, lr, betas, eps, weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
 
 
 class LossScale:

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import ConfigError
 from .lora import apply_lora
 from .models import ModelParts, find_parts
+from .quant import Quantization, quantized_linear
 from .partition import layer_ranges, split_layers
 from .weights import KeyMap, WeightIndex
 
@@ -244,12 +245,14 @@ def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
 
 
 def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.dtype,
-                aliases: dict[str, list[str]], tie: bool = True) -> None:
-    """Read this stage's parameters from the checkpoint onto `device`; move buffers there too.
-
-    `aliases` (taken before pruning) lets a tied head find the embedding tensor it shares."""
+                aliases: dict[str, list[str]], tie: bool = True, quant: Quantization | None = None,
+                layers: str = "") -> None:
+    """Read this stage's parameters from the checkpoint onto `device`, one decoder layer at a time (host memory
+    stays at one layer's worth); move buffers there too. With `quant`, the linears inside the layers become
+    bitsandbytes layers as they are read. `aliases` (taken before pruning) lets a tied head find the embedding
+    tensor it shares."""
     keep_fp32 = set(getattr(lm, "_keep_in_fp32_modules", None) or [])
-    wanted: list[tuple[nn.Module, str, str, str]] = []  # (module, attr, full name, checkpoint name)
+    groups: dict[str, list[tuple[str, nn.Module, str, str, str]]] = {}
     missing = []
     for mod_name, mod in lm.named_modules():
         for attr, p in list(mod._parameters.items()):
@@ -259,25 +262,37 @@ def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.
             source = _source_name(full, keys, aliases.get(full, []))
             if source is None:
                 missing.append(full)
-            else:
-                wanted.append((mod, attr, full, source))
+                continue
+            group = ".".join(full.split(".")[: layers.count(".") + 2]) if full.startswith(layers + ".") else ""
+            groups.setdefault(group, []).append((mod_name, mod, attr, full, source))
     if missing:
         raise ConfigError(f"the weights in {keys.index.folder!r} lack {len(missing)} tensors this stage needs, "
                           f"e.g. {missing[:3]}; is this the right model folder for its config.json?")
-    tensors = keys.read(sorted({s for *_, s in wanted}))
     made: dict[tuple[int, str], nn.Parameter] = {}
-    for mod, attr, full, source in wanted:
-        meta = mod._parameters[attr]
-        share = (id(meta), source) if tie else (id(mod), attr)
-        if share not in made:
+    quantized: set[int] = set()
+    for group, entries in groups.items():
+        tensors = keys.read(sorted({e[4] for e in entries}))
+        for mod_name, mod, attr, full, source in entries:
+            if id(mod) in quantized:  # its bias went into the quantized layer with its weight
+                continue
+            meta = mod._parameters[attr]
             t = tensors[source]
             if tuple(t.shape) != tuple(meta.shape):
                 raise ConfigError(f"{keys.index.folder}: tensor {source} has shape {tuple(t.shape)} but the config "
                                   f"expects {tuple(meta.shape)}; config.json and the weights disagree")
-            target = torch.float32 if any(k in full for k in keep_fp32) else dtype
-            t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
-            made[share] = nn.Parameter(t, requires_grad=False)
-        mod._parameters[attr] = made[share]
+            if quant is not None and group and isinstance(mod, nn.Linear) and attr == "weight":
+                bias = tensors[_source_name(f"{mod_name}.bias", keys, [])] if mod.bias is not None else None
+                parent, _, leaf = mod_name.rpartition(".")
+                setattr(lm.get_submodule(parent), leaf, quantized_linear(t, bias, quant, device))
+                quantized.add(id(mod))
+                continue
+            share = (id(meta), source) if tie else (id(mod), attr)
+            if share not in made:
+                target = torch.float32 if any(k in full for k in keep_fp32) else dtype
+                t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+                made[share] = nn.Parameter(t, requires_grad=False)
+            mod._parameters[attr] = made[share]
+        del tensors
     for mod in lm.modules():
         for attr, b in list(mod._buffers.items()):
             if b is not None:
@@ -286,14 +301,14 @@ def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.
 
 def build_stage(spec: StageSpec, config, index: WeightIndex, *, device: torch.device, dtype: torch.dtype,
                 lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                gradient_checkpointing: bool = False, tie: bool = True) -> Stage:
+                gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | None = None) -> Stage:
     """Everything one stage needs, touching only its own weights."""
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     parts = find_parts(lm, config)
     aliases = _alias_groups(lm)
     keys = KeyMap(lm, index)  # from the whole skeleton: the conversion rules know the full model
     prune(lm, parts, spec)
-    materialize(lm, keys, device, dtype, aliases, tie=tie)
+    materialize(lm, keys, device, dtype, aliases, tie=tie, quant=quant, layers=parts.layers)
     model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm
     stage = Stage(model, spec, parts)
     if gradient_checkpointing:
