@@ -42,6 +42,8 @@ class Config:
     lora_config: str = _help("PEFT-style LoRA config JSON (r, lora_alpha, target_modules, ...).",
                              default="configs/lora_config.json")
     list_target_modules: bool = _help("Print the model's linear module names and exit.", default=False)
+    random_weights: bool = _help("Benchmarks: random base weights drawn on the device, no safetensors read "
+                                 "(only config.json and the tokenizer are needed).", default=False)
     # --- data --------------------------------------------------------------------------------------
     data_path: str = _help("Instruction data: JSON array, JSON lines, or a folder of them.", default="")
     seq_length: int = _help("Tokens per sequence after truncation.", default=1024)

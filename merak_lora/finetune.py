@@ -63,7 +63,7 @@ class Plan:
     model_config: Any
     specs: list
     lora_cfg: Any
-    index: WeightIndex
+    index: WeightIndex | None     # None with --random_weights
     hidden_size: int          # width of the activations passed between stages
     vocab_size: int
     adapter_numel: int = 0
@@ -77,7 +77,7 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
         # stages; the router itself is frozen under LoRA, so the pipeline trains on the language-model loss.
         log.warning("config.json sets output_router_logits: training without the MoE auxiliary loss")
         model_config.output_router_logits = False
-    index = WeightIndex(cfg.weights_path)
+    index = None if cfg.random_weights else WeightIndex(cfg.weights_path)
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
     module_names = [n for n, m in skeleton.named_modules()
@@ -260,8 +260,9 @@ def run(cfg: Config) -> TrainState:
     stages = build_stages(cfg, plan, layout, quant)
     for s in stages:
         s.train()
-    log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "
-             f"({len(plan.index.report.keys)} tensors) for stages {layout.stage_ids()}")
+    if plan.index is not None:
+        log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "
+                 f"({len(plan.index.report.keys)} tensors) for stages {layout.stage_ids()}")
     stage_params = {s.spec.index: adapter_params(s.model) for s in stages}
     params = [p for ps in stage_params.values() for p in ps.values()]
     optimizer = make_optimizer(cfg.optim, params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),

@@ -11,12 +11,15 @@ import dataclasses
 import json
 import math
 import re
+import types
 import zlib
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from .config import ConfigError
@@ -172,7 +175,26 @@ def apply_lora(lm: nn.Module, user: LoraConfig, seed: int) -> nn.Module:
     cfg = dataclasses.replace(user, target_modules=targets, inference_mode=False, init_lora_weights=False)
     model = get_peft_model(lm, cfg, autocast_adapter_dtype=True)
     init_adapter(model, seed, user.init_lora_weights)
+    for mod in model.modules():
+        if type(mod) is LoraLinear:
+            mod.forward = types.MethodType(_lora_linear_forward, mod)
     return model
+
+
+def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """PEFT's LoRA linear, computed in the activations' dtype: the fp32 adapter weights are cast (they are
+    tiny) instead of the activations (PEFT casts x to fp32, an extra copy of every input in bf16 training), and
+    the low-rank product is added to the base output in one addmm. Anything unusual goes to PEFT's own forward."""
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name is None or name not in self.lora_A
+            or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    low = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                      self.lora_B[name].weight.to(x.dtype).t(), alpha=self.scaling[name])
+    return out.view_as(result)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from .lora import apply_lora
 from .models import ModelParts, find_parts
 from .quant import Quantization, quantized_linear
 from .partition import layer_ranges, split_layers
-from .weights import KeyMap, WeightIndex
+from .weights import KeyMap, RandomWeights, WeightIndex
 
 log = logging.getLogger("merak_lora")
 
@@ -244,7 +244,7 @@ def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
         setattr(lm.get_submodule(parent) if parent else lm, leaf, stub)
 
 
-def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.dtype,
+def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.device, dtype: torch.dtype,
                 aliases: dict[str, list[str]], tie: bool = True, quant: Quantization | None = None,
                 layers: str = "") -> None:
     """Read this stage's parameters from the checkpoint onto `device`, one decoder layer at a time (host memory
@@ -299,14 +299,15 @@ def materialize(lm: nn.Module, keys: KeyMap, device: torch.device, dtype: torch.
                 mod._buffers[attr] = b.to(device)
 
 
-def build_stage(spec: StageSpec, config, index: WeightIndex, *, device: torch.device, dtype: torch.dtype,
+def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: torch.device, dtype: torch.dtype,
                 lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                 gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | None = None) -> Stage:
     """Everything one stage needs, touching only its own weights."""
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     parts = find_parts(lm, config)
     aliases = _alias_groups(lm)
-    keys = KeyMap(lm, index)  # from the whole skeleton: the conversion rules know the full model
+    # from the whole skeleton: the conversion rules know the full model (no index: random weights, benchmarks)
+    keys = KeyMap(lm, index) if index is not None else RandomWeights(lm, device)
     prune(lm, parts, spec)
     materialize(lm, keys, device, dtype, aliases, tie=tie, quant=quant, layers=parts.layers)
     model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm

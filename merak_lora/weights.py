@@ -165,3 +165,22 @@ def _rename(key, renamings, converters, prefix, meta):
 
 def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+class RandomWeights:
+    """Stands in for KeyMap when a benchmark asks for random weights (`--random_weights true`): every parameter
+    is drawn on the spot (normal, std 0.02), so a 70B-class stage needs only its config.json."""
+
+    def __init__(self, lm, device: torch.device | str = "cpu"):
+        self.shapes = {n: tuple(p.shape) for n, p in lm.state_dict(keep_vars=True).items()}
+        self.device = device
+        self.index = WeightIndex.__new__(WeightIndex)
+        self.index.folder, self.index.report = "(random weights)", ReadReport()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        # drawn where they will live: a 70B stage's worth of random numbers takes minutes on a CPU
+        return {name: torch.randn(self.shapes[name], dtype=torch.bfloat16, device=self.device) * 0.02
+                for name in names}

@@ -1,0 +1,118 @@
+"""One GPU: merak-lora at pp=1 against the plain transformers + PEFT loop of the fine-tuning tutorials, same model
+(random weights), same sequence length, same LoRA (r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down), bf16,
+SDPA, in one run. Each variant runs in its own process so peak memory is its own.
+
+    python bench/one_gpu.py --arch llama3-8b --seq 2048 [--variants plain_gc,plain,ours,ours_gc] [--steps 6]
+    python bench/one_gpu.py --arch tiny --seq 128 --results -        # CPU, seconds: only checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import (RESULTS, TARGETS, append_result, flops_per_token, llama_config,  # noqa: E402
+                          markdown_table, peak_bf16_tflops, run_ours, run_worker, write_random_model)
+
+VARIANTS = {  # name: (runner, gradient checkpointing, microbatch)
+    "plain_gc": ("plain", True, 1), "plain_gc_mb4": ("plain", True, 4), "plain": ("plain", False, 1),
+    "ours": ("ours", False, 1), "ours_gc": ("ours", True, 1), "ours_gc_mb4": ("ours", True, 4),
+}
+
+
+def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int) -> dict:
+    """The tutorials' loop: AutoModelForCausalLM + get_peft_model, AdamW on the adapter, labels = input ids."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
+    if gc:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 1000, (mb, seq), device=dev)
+    times = []
+    for step in range(warmup + steps):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    return {"tokens_per_s": mb * seq * len(times) / sum(times),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
+
+
+def worker(args) -> None:
+    runner, gc, mb = VARIANTS[args.worker]
+    if runner == "plain":
+        out = plain_loop(args.model_dir, args.seq, mb, gc, args.steps, args.warmup)
+    else:
+        out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup, args.ours_flags.split())
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="llama3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--variants", default="plain_gc,plain,ours,ours_gc")
+    ap.add_argument("--model_dir", default="")
+    ap.add_argument("--ours_flags", default="", help="extra flags for merak-lora's runs")
+    ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+    model_dir = args.model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", args.arch),
+                                                     args.arch)
+    cuda = torch.cuda.is_available()
+    peak = peak_bf16_tflops() if cuda else float("nan")
+    config = llama_config(args.arch)
+    rows, measured = [], {}
+    for name in args.variants.split(","):
+        runner, gc, mb = VARIANTS[name]
+        r = run_worker(__file__, ["--worker", name, "--model_dir", model_dir, "--seq", str(args.seq), "--steps",
+                                  str(args.steps), "--warmup", str(args.warmup), "--ours_flags", args.ours_flags])
+        if r is None:
+            rows.append([name, mb, gc, "failed", "-", "-", "-", "-"])
+            continue
+        measured[name] = r["tokens_per_s"]
+        tflops = r["tokens_per_s"] * flops_per_token(config, args.seq) / 1e12
+        rows.append([name, mb, gc, f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.1f}", f"{tflops:.0f}",
+                     f"{100 * tflops / peak:.1f}%" if cuda else "-", ""])
+    for row in rows:
+        if row[0] in measured:
+            ratios = [f"{measured[row[0]] / measured[b]:.2f}x {b}" for b in ("plain_gc", "plain") if b in measured]
+            row[-1] = ", ".join(ratios)
+    table = markdown_table(["variant", "microbatch", "grad ckpt", "tokens/s", "peak GiB", "model TFLOP/s",
+                            "MFU", "vs plain loop"], rows)
+    print(table)
+    if args.results != "-":
+        append_result(f"One GPU, {args.arch}, sequence {args.seq}: merak-lora (pp=1) vs transformers + PEFT loop",
+                      table, f"MFU against the measured bf16 matrix rate of this GPU, {peak:.0f} TFLOP/s; FLOPs "
+                      f"per token {flops_per_token(config, args.seq) / 1e9:.1f} G (4N + attention + LoRA; frozen "
+                      "weights have no weight gradient, recomputation not counted).", args.results)
+
+
+if __name__ == "__main__":
+    main()

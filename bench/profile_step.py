@@ -1,0 +1,77 @@
+"""Where a training step's time goes: the top GPU kernels of one step of merak-lora (pp=1) and of the plain
+transformers + PEFT loop, from torch.profiler. For deciding what to optimise, not for RESULTS.md.
+
+    python bench/profile_step.py --arch llama3-8b --seq 2048 [--which ours|plain|both] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import TARGETS, write_random_model  # noqa: E402
+
+
+def profile(step, top: int, label: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"===== {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="llama3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--which", default="both")
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
+    ids = torch.randint(3, 1000, (1, a.seq), device="cuda")
+    if a.which in ("plain", "both"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS))
+
+        def plain():
+            model(input_ids=ids, labels=ids).loss.backward()
+        profile(plain, a.top, "plain transformers + PEFT, one sequence")
+        del model
+        torch.cuda.empty_cache()
+    if a.which in ("ours", "both"):
+        import json
+
+        from merak_lora.config import Config
+        from merak_lora.finetune import build_stages, make_plan
+        from merak_lora.layout import init_distributed
+        from merak_lora.schedule import TokenLoss
+        lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS}
+        cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora))
+        plan = make_plan(cfg, 1, lora)
+        layout = init_distributed(1, 1, False, "cuda")
+        stage = build_stages(cfg, plan, layout)[0].train()
+        loss_fn = TokenLoss()
+        targets = torch.roll(ids, -1, 1)
+
+        def ours():
+            loss_fn(stage(ids), targets).backward()
+        profile(ours, a.top, "merak-lora stage (pp=1), one sequence")
+
+
+if __name__ == "__main__":
+    main()
