@@ -30,6 +30,15 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def show_profile(fn, label: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    print(f"===== {label}")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=55))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="llama3-8b")
@@ -39,6 +48,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
     a = ap.parse_args()
 
     import torch
@@ -60,8 +70,11 @@ def main() -> None:
         gen.serve()
         return
     gen.eos_ids = set()  # random weights: never stop early, both sides generate exactly --new tokens
-    gen.generate(prompts[:1], Sampling(max_new_tokens=4))  # warm-up
+    # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process
+    gen.generate(prompts, Sampling(max_new_tokens=a.new))
     ours_s = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
+    if a.profile:
+        show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), "merak-lora pipeline")
     gen.close()
     rows = [[f"merak-lora pipeline, pp={a.pp}", a.batch, a.new, f"{ours_s:.2f}", f"{a.batch * a.new / ours_s:,.0f}"]]
     if a.pp == 1:
@@ -72,8 +85,10 @@ def main() -> None:
         ids, mask = left_pad(prompts, tok.pad_token_id, device)
         run = lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
                                        do_sample=False, pad_token_id=tok.pad_token_id)
-        run(4)
+        run(a.new)  # the same full-length warm-up
         hf_s = timed(lambda: run(a.new))
+        if a.profile:
+            show_profile(lambda: run(16), "transformers generate()")
         rows.append(["transformers generate(), one process", a.batch, a.new, f"{hf_s:.2f}",
                      f"{a.batch * a.new / hf_s:,.0f}"])
     table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s"], rows)

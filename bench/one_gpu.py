@@ -21,9 +21,13 @@ sys.path.insert(0, ROOT)
 from bench.common import (RESULTS, TARGETS, append_result, flops_per_token, llama_config,  # noqa: E402
                           markdown_table, peak_bf16_tflops, run_ours, run_worker, write_random_model)
 
-VARIANTS = {  # name: (runner, gradient checkpointing, microbatch)
-    "plain_gc": ("plain", True, 1), "plain_gc_mb4": ("plain", True, 4), "plain": ("plain", False, 1),
-    "ours": ("ours", False, 1), "ours_gc": ("ours", True, 1), "ours_gc_mb4": ("ours", True, 4),
+VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags for merak-lora)
+    "plain_gc": ("plain", True, 1, []), "plain_gc_mb4": ("plain", True, 4, []), "plain": ("plain", False, 1, []),
+    "ours": ("ours", False, 1, []), "ours_gc": ("ours", True, 1, []), "ours_gc_mb4": ("ours", True, 4, []),
+    "ours_compile": ("ours", False, 1, ["--compile", "true"]),
+    "ours_compile_mb2": ("ours", False, 2, ["--compile", "true"]),
+    "ours_compile_gc": ("ours", True, 1, ["--compile", "true"]),
+    "ours_compile_gc_mb4": ("ours", True, 4, ["--compile", "true"]),
 }
 
 
@@ -36,6 +40,7 @@ def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
+    model.train()  # from_pretrained returns eval mode, where checkpointing and dropout are off; Trainer trains
     if gc:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -59,11 +64,12 @@ def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: 
 
 
 def worker(args) -> None:
-    runner, gc, mb = VARIANTS[args.worker]
+    runner, gc, mb, extra = VARIANTS[args.worker]
     if runner == "plain":
         out = plain_loop(args.model_dir, args.seq, mb, gc, args.steps, args.warmup)
     else:
-        out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup, args.ours_flags.split())
+        out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
+                       extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -90,22 +96,23 @@ def main() -> None:
     config = llama_config(args.arch)
     rows, measured = [], {}
     for name in args.variants.split(","):
-        runner, gc, mb = VARIANTS[name]
+        runner, gc, mb, _ = VARIANTS[name]
         r = run_worker(__file__, ["--worker", name, "--model_dir", model_dir, "--seq", str(args.seq), "--steps",
                                   str(args.steps), "--warmup", str(args.warmup), "--ours_flags", args.ours_flags])
         if r is None:
-            rows.append([name, mb, gc, "failed", "-", "-", "-", "-"])
+            rows.append([name, mb, gc, "failed", "-", "-", "-", "-", "-"])
             continue
         measured[name] = r["tokens_per_s"]
         tflops = r["tokens_per_s"] * flops_per_token(config, args.seq) / 1e12
+        first = f"{r['first_step_s']:.0f}" if "first_step_s" in r else "-"
         rows.append([name, mb, gc, f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.1f}", f"{tflops:.0f}",
-                     f"{100 * tflops / peak:.1f}%" if cuda else "-", ""])
+                     f"{100 * tflops / peak:.1f}%" if cuda else "-", first, ""])
     for row in rows:
         if row[0] in measured:
             ratios = [f"{measured[row[0]] / measured[b]:.2f}x {b}" for b in ("plain_gc", "plain") if b in measured]
             row[-1] = ", ".join(ratios)
     table = markdown_table(["variant", "microbatch", "grad ckpt", "tokens/s", "peak GiB", "model TFLOP/s",
-                            "MFU", "vs plain loop"], rows)
+                            "MFU", "launch to 1st step (s)", "vs plain loop"], rows)
     print(table)
     if args.results != "-":
         append_result(f"One GPU, {args.arch}, sequence {args.seq}: merak-lora (pp=1) vs transformers + PEFT loop",

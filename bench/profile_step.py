@@ -47,6 +47,7 @@ def main() -> None:
     if a.which in ("plain", "both"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS))
+        model.train()
 
         def plain():
             model(input_ids=ids, labels=ids).loss.backward()

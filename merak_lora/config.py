@@ -77,6 +77,8 @@ class Config:
                               default_factory=lambda: ["input_ids", "labels"])
     split_method: str = _help("How the model is cut (Merak flag); only layer_split applies.", default="layer_split")
     gradient_checkpointing: bool = _help("Recompute each decoder layer in backward to save memory.", default=False)
+    compile: bool = _help("torch.compile each decoder layer (fuses norms, rotary, activations, LoRA adds).",
+                          default=False)
     # --- optimisation ------------------------------------------------------------------------------
     learning_rate: float = _help("Peak learning rate.", default=2e-4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)

@@ -109,7 +109,8 @@ def build_stages(cfg: Config, plan: Plan, layout, quant=None) -> list:
     return [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device,
                         dtype=compute_dtype(cfg), lora_config=plan.lora_cfg, seed=cfg.seed,
                         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                        gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules, quant=quant)
+                        gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules, quant=quant,
+                        compile=cfg.compile)
             for i in layout.stage_ids()]
 
 

@@ -301,7 +301,8 @@ def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.devic
 
 def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: torch.device, dtype: torch.dtype,
                 lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | None = None) -> Stage:
+                gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | None = None,
+                compile: bool = False) -> Stage:
     """Everything one stage needs, touching only its own weights."""
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     parts = find_parts(lm, config)
@@ -312,8 +313,12 @@ def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: t
     materialize(lm, keys, device, dtype, aliases, tie=tie, quant=quant, layers=parts.layers)
     model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm
     stage = Stage(model, spec, parts)
-    if gradient_checkpointing:
-        layers = stage.layers()
-        for i in range(spec.start, spec.stop):
+    layers = stage.layers()
+    for i in range(spec.start, spec.stop):
+        # Each layer's own forward is compiled (the hooks around it stay eager); every layer of a family has the
+        # same code, so one compiled graph serves them all.
+        if compile:
+            layers[i].forward = torch.compile(layers[i].forward)
+        if gradient_checkpointing:
             layers[i].forward = _checkpointed(layers[i].forward)
     return stage
