@@ -20,14 +20,19 @@ from bench.common import TARGETS, write_random_model  # noqa: E402
 def profile(step, top: int, label: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity
+    cuda = torch.cuda.is_available()
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        step()
+    if cuda:
         torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
     print(f"===== {label}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def main() -> None:
@@ -43,9 +48,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     model_dir = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
-    ids = torch.randint(3, 1000, (1, a.seq), device="cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(3, 1000, (1, a.seq), device=device)
     if a.which in ("plain", "both"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS))
         model.train()
 
@@ -53,7 +59,6 @@ def main() -> None:
             model(input_ids=ids, labels=ids).loss.backward()
         profile(plain, a.top, "plain transformers + PEFT, one sequence")
         del model
-        torch.cuda.empty_cache()
     if a.which in ("ours", "both"):
         import json
 
@@ -64,7 +69,7 @@ def main() -> None:
         lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS}
         cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora))
         plan = make_plan(cfg, 1, lora)
-        layout = init_distributed(1, 1, False, "cuda")
+        layout = init_distributed(1, 1, False, device)
         stage = build_stages(cfg, plan, layout)[0].train()
         loss_fn = TokenLoss()
         targets = torch.roll(ids, -1, 1)

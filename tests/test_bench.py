@@ -6,17 +6,55 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
-def run_bench(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args, "--results", "-"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+def run_bench(script: str, *args: str, torchrun: int = 0, results: bool = True) -> str:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] \
+        if torchrun else [sys.executable]
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "bench", script), *args,
+                           *(["--results", "-"] if results else [])], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_tokenization_bench_runs():
     out = run_bench("data_tokenize.py", "--records", "300")
     assert "| cold (tokenize + write cache) | 300 |" in out and "| cached (read cache) | 300 |" in out
+
+
+def test_one_gpu_bench_runs():
+    out = run_bench("one_gpu.py", "--arch", "tiny", "--seq", "64", "--steps", "1", "--warmup", "1",
+                    "--variants", "plain_gc,ours")
+    assert "| plain_gc | 1 | True |" in out and "| ours | 1 | False |" in out and "failed" not in out
+
+
+def test_decode_bench_runs():
+    out = run_bench("decode.py", "--arch", "tiny", "--batch", "2", "--prompt_len", "16", "--new", "4")
+    assert "merak-lora pipeline, pp=1" in out and "transformers generate()" in out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_bench_runs():
+    out = run_bench("qlora.py", "--arch", "tiny", "--seq", "64", "--steps", "1", "--warmup", "1")
+    assert "| 16bit |" in out and "| 4bit |" in out and "failed" not in out
+
+
+def test_pipeline_scaling_bench_runs():
+    out = run_bench("pipeline_scaling.py", "--arch", "tiny", "--seq", "32", "--microbatches", "2", "--steps", "1",
+                    "--schedules", "1f1b,zbv", torchrun=2)
+    assert "| 1f1b | 2 | 1 | 2 |" in out and "| zbv | 2 | 2 | 2 |" in out
+
+
+def test_seventy_b_bench_runs():
+    out = run_bench("seventy_b.py", "--arch", "tiny", "--gpus", "2", "--seq", "32", "--microbatches", "2",
+                    "--steps", "1")
+    assert "merak-lora pp=2" in out and 'device_map="auto"' in out
+
+
+def test_profile_bench_runs():
+    out = run_bench("profile_step.py", "--arch", "tiny", "--seq", "32", "--top", "5", results=False)
+    assert "===== plain transformers + PEFT" in out and "===== merak-lora stage (pp=1)" in out
