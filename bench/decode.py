@@ -31,7 +31,6 @@ def timed(fn) -> float:
 
 
 def show_profile(fn, label: str) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()

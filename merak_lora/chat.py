@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from typing import IO, Any
 
-import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, help_text, parse_args

@@ -22,7 +22,8 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open

@@ -13,7 +13,8 @@ import re
 import shutil
 import sys
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

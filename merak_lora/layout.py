@@ -49,10 +49,6 @@ class Layout:
     def global_rank_of(self, pp_rank: int, dp_rank: int | None = None) -> int:
         return (self.dp_rank if dp_rank is None else dp_rank) * self.pp + pp_rank
 
-    @property
-    def is_first_rank_of_pipeline(self) -> bool:
-        return self.pp_rank == 0
-
 
 def stages_of_rank(pp_rank: int, pp: int, chunks: int, v_shape: bool) -> list[int]:
     if v_shape:  # rank r holds stage r and its mirror 2pp-1-r, so first and last stage share rank 0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -232,6 +232,3 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     canonical (global PEFT) names; frozen ones too, as in inference mode."""
     return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n}
 
-
-def is_peft(model: nn.Module) -> bool:
-    return isinstance(model, PeftModel)

@@ -58,9 +58,6 @@ class LossScale:
             if self.good_steps % self.growth_interval == 0:
                 self.scale *= 2.0
 
-    def at_floor(self) -> bool:
-        return self.enabled and self.scale <= 1.0
-
     def state_dict(self) -> dict:
         return {"scale": self.scale, "good_steps": self.good_steps}
 

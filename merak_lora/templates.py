@@ -7,7 +7,7 @@ is what lets data.py find the assistant spans to train on.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError
 

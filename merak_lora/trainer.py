@@ -165,7 +165,8 @@ class Trainer:
                     log.warning(f"step {step}: non-finite loss or gradient (loss {result.loss}, grad norm "
                                 f"{result.grad_norm}); step skipped on every rank "
                                 f"({self.state.skipped_steps} in a row)")
-                    if self.state.skipped_steps > cfg.max_skipped_steps and not self.scale.enabled:
+                    # fp16 overflows are the loss scale's business until it cannot shrink any further
+                    if self.state.skipped_steps > cfg.max_skipped_steps and self.scale.scale <= 1.0:
                         self._save(step)
                         raise TrainingStopped(
                             f"{self.state.skipped_steps} non-finite steps in a row (limit --max_skipped_steps "

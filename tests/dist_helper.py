@@ -10,7 +10,8 @@ import os
 import pickle
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["torch", "transformers", "peft", "merak_lora.finetune",

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 
-import pytest
 
 from conftest import LORA_CONFIG, SAMPLE
 

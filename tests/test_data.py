@@ -68,7 +68,7 @@ def test_long_records_are_truncated_keeping_the_answer_start(tmp_path, tok):
 # --- every shape the users bring ---------------------------------------------------------------------------
 
 from merak_lora.config import ConfigError  # noqa: E402
-from merak_lora.data import (DataError, Encoder, TokenStats, list_files, parse_field_map, prepare,  # noqa: E402
+from merak_lora.data import (DataError, TokenStats, list_files, parse_field_map, prepare,  # noqa: E402
                              read_file, to_conversation)
 from merak_lora.templates import Formatter  # noqa: E402
 

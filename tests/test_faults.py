@@ -218,3 +218,12 @@ def test_launch_script_quotes_every_value(tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (weird / "checkpoint-2" / "mp_rank_00_pp_rank_001" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_fp16_trains_with_one_loss_scale_on_every_stage(tiny_llama, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_ranks(_main_with_fault, 2, _argv(tiny_llama, out, "--pp", "2", "--fp16", "true")) == [0, 0]
+    rows = _rows(out)
+    assert all(r["loss_scale"] == rows[0]["loss_scale"] > 1 for r in rows)  # no overflow: the scale held
+    assert all(r["skipped_steps"] == 0 and 3 < r["loss"] < 12 for r in rows)
+    assert not _same(_adapter(out, 6), _adapter(out, 2))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from dist_helper import run_ranks
 from merak_lora.checkpoint import load_adapter_tensors, read_meta
