@@ -198,10 +198,11 @@ def build_generator(cfg: GenConfig):
 
 
 def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | None) -> LocalGenerator:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import check_compatible, load_adapter
+    from .export import peft_config
     from .finetune import compute_dtype
     from .layout import pick_device
     from .lora import adapter_params
@@ -213,9 +214,7 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
         model = PeftModel.from_pretrained(model, cfg.adapter_path)
     elif ckpt:
         check_compatible(ckpt, meta, model.config, meta["lora"])
-        lora = {k: v for k, v in meta["lora"].items() if k in LoraConfig.__dataclass_fields__ and
-                k not in ("peft_type", "auto_mapping", "peft_version", "revision")}
-        model = get_peft_model(model, LoraConfig(**{**lora, "inference_mode": True}))
+        model = get_peft_model(model, peft_config(meta))
         load_adapter(ckpt, meta, {0: adapter_params(model)})
     model.eval()
     return LocalGenerator(model, tokenizer, model.config)

@@ -13,8 +13,8 @@ import re
 import shutil
 import sys
 from enum import Enum
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from .data import Batches, DataSpec, TokenizedData, load_cache, pack, prepare, s
 from .layout import env_ranks, init_distributed, pick_device
 from .lora import adapter_numel, adapter_params, build_lora_config, read_lora_config
 from .metrics import Metrics, add_log_file, setup_logging
-from .models import find_parts, linear_names
+from .models import DEFAULT_TARGETS, find_parts, is_adaptable, is_linear, linear_names, text_config
 from .optim import make_optimizer
 from .schedule import Pipeline, TokenLoss
 from .stage import build_skeleton, build_stage, load_model_config, plan_stages
@@ -81,8 +81,7 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     index = None if cfg.random_weights else WeightIndex(cfg.weights_path)
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
-    module_names = [n for n, m in skeleton.named_modules()
-                    if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"]
+    module_names = [n for n, m in skeleton.named_modules() if is_adaptable(m)]
     lora_cfg = None if lora_raw is None else build_lora_config(
         lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config,
         param_names=[n for n, _ in skeleton.named_parameters()])
@@ -91,7 +90,7 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     embed = skeleton.get_input_embeddings()
     head = skeleton.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else embed.num_embeddings
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     # the layers' width (OPT projects its narrower embeddings up to it); remote code may only have the embedding
     hidden = getattr(text, "hidden_size", None) or embed.embedding_dim
     return Plan(model_config, specs, lora_cfg, index, hidden, vocab, numel)
@@ -117,8 +116,7 @@ def build_stages(cfg: Config, plan: Plan, layout, quant=None) -> list:
 
 def check_fits(cfg: Config, plan: Plan) -> None:
     """Sizes that cannot work: sequences longer than the model's positions, checkpoints the disk cannot hold."""
-    text = plan.model_config.get_text_config() if hasattr(plan.model_config, "get_text_config") \
-        else plan.model_config
+    text = text_config(plan.model_config)
     max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if max_pos and cfg.seq_length > max_pos:
         raise ConfigError(f"--seq_length {cfg.seq_length} is longer than the model's {max_pos} positions "
@@ -308,8 +306,7 @@ def list_target_modules(cfg: Config) -> str:
     parts = find_parts(lm, config)
     found: dict[str, list[str]] = {}
     for name, mod in lm.named_modules():
-        if name.startswith(parts.layers + ".") and (isinstance(mod, torch.nn.Linear)
-                                                    or type(mod).__name__ == "Conv1D"):
+        if name.startswith(parts.layers + ".") and is_linear(mod):
             found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     lines = [f"{config.model_type}: linear modules in the {parts.num_layers} decoder layers (\"target_modules\"):"]
     for leaf, names in sorted(found.items()):
@@ -322,7 +319,6 @@ def list_target_modules(cfg: Config) -> str:
     outside = [n for n in parts.pre + parts.post if isinstance(lm.get_submodule(n), torch.nn.Linear)]
     if outside:
         lines.append(f"outside the layers: {', '.join(outside)}")
-    from .models import DEFAULT_TARGETS
     lines.append(f"default target_modules: {list(DEFAULT_TARGETS.get(config.model_type, ())) or 'none (set them)'}")
     return "\n".join(lines)
 

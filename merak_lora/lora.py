@@ -23,7 +23,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from .config import ConfigError
-from .models import default_targets
+from .models import default_targets, is_adaptable, is_linear
 
 ADAPTER = "default"
 # The fields a lora_config.json may hold; the first seven are the ones Merak users write.
@@ -134,11 +134,10 @@ def stage_targets(user: LoraConfig, lm: nn.Module) -> list[str]:
     """Full names of the modules this stage owns that the user's config targets."""
     names = []
     for name, mod in lm.named_modules():
-        if not _adaptable(mod):
+        if not is_adaptable(mod):
             continue
         if user.target_modules == "all-linear":
-            hit = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
-            hit = hit and mod is not _output_layer(lm)
+            hit = is_linear(mod) and mod is not _output_layer(lm)
         else:
             hit = check_target_module_exists(user, name)
         if hit and type(hit).__name__ != "_ExcludedModule":
@@ -154,10 +153,6 @@ def adapter_numel(user: LoraConfig, lm: nn.Module) -> int:
         w = mod.weight
         total += user.r * (w.shape[0] + w.shape[1])
     return total
-
-
-def _adaptable(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, nn.Embedding)) or type(mod).__name__ == "Conv1D"
 
 
 def _output_layer(lm: nn.Module) -> nn.Module | None:

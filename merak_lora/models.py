@@ -54,8 +54,13 @@ class ModelParts:
     post: tuple[str, ...]        # modules with weights after the layers: final norm, head (last stage)
 
 
+def text_config(config):
+    """The language model's part of a config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_layers_of(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     for key in ("num_hidden_layers", "n_layer", "num_layers", "num_transformer_layers"):
         value = getattr(text, key, None)
         if isinstance(value, int) and value > 0:
@@ -121,14 +126,19 @@ def linear_names(lm: nn.Module, parts: ModelParts | None = None) -> list[str]:
     for name, mod in lm.named_modules():
         if parts and not name.startswith(parts.layers + "."):
             continue
-        if _is_linear(mod):
+        if is_linear(mod):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
 
-def _is_linear(mod: nn.Module) -> bool:
+def is_linear(mod: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D is a linear layer with a transposed weight.
     return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def is_adaptable(mod: nn.Module) -> bool:
+    """What LoRA can wrap: linears and embeddings."""
+    return is_linear(mod) or isinstance(mod, nn.Embedding)
 
 
 def default_targets(model_type: str, available: list[str]) -> list[str]:

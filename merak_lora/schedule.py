@@ -94,13 +94,16 @@ class Pipeline:
             self._schedules.popitem(last=False)
         return sched
 
+    def _on_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        dev = self.layout.device
+        kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(dev)}
+        return batch.input_ids.to(dev), batch.targets.to(dev), kwargs
+
     def step(self, batch: Batch) -> torch.Tensor | None:
         """Forward and backward of every microbatch; the summed (scaled) loss where the last stage lives."""
-        ids = batch.input_ids.to(self.layout.device)
-        targets = batch.targets.to(self.layout.device)
-        kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(self.layout.device)}
+        ids, targets, kwargs = self._on_device(batch)
         if self.layout.pp == 1:
-            return self._local_step(ids, targets, kwargs)
+            return self._local_step(ids, targets, kwargs, backward=True)
         mbs = ids.shape[0] // self.microbatches
         sched = self._schedule(mbs, ids.shape[1])
         args = (ids,) if self.holds_first else ()
@@ -111,13 +114,9 @@ class Pipeline:
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> torch.Tensor | None:
         """Forward only: the summed loss of the microbatches where the last stage lives (eval split)."""
-        ids = batch.input_ids.to(self.layout.device)
-        targets = batch.targets.to(self.layout.device)
-        kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(self.layout.device)}
+        ids, targets, kwargs = self._on_device(batch)
         if self.layout.pp == 1:
-            return sum((self.loss_fn(self.stages[0](i, **k), t) for i, t, k in
-                        zip(ids.chunk(self.microbatches), targets.chunk(self.microbatches),
-                            _chunk_kwargs(kwargs, self.microbatches))), torch.zeros((), device=ids.device))
+            return self._local_step(ids, targets, kwargs, backward=False)
         sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1])
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,
@@ -133,14 +132,16 @@ class Pipeline:
         sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1], with_loss=False)
         return sched.step(*((ids,) if self.holds_first else ()))
 
-    def _local_step(self, ids: torch.Tensor, targets: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """One stage holds the whole model: plain gradient accumulation over the microbatches."""
+    def _local_step(self, ids: torch.Tensor, targets: torch.Tensor, kwargs: dict, backward: bool) -> torch.Tensor:
+        """One stage holds the whole model: plain gradient accumulation over the microbatches (or, without
+        backward, just their summed loss)."""
         stage = self.stages[0]
         total = torch.zeros((), device=ids.device)
         for mb_ids, mb_targets, mb_kw in zip(ids.chunk(self.microbatches), targets.chunk(self.microbatches),
                                             _chunk_kwargs(kwargs, self.microbatches)):
             loss = self.loss_fn(stage(mb_ids, **mb_kw), mb_targets)
-            loss.backward()
+            if backward:
+                loss.backward()
             total += loss.detach()
         return total
 
