@@ -26,6 +26,7 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
     "ours": ("ours", False, 1, []), "ours_gc": ("ours", True, 1, []), "ours_gc_mb4": ("ours", True, 4, []),
     "ours_compile": ("ours", False, 1, ["--compile", "true"]),
     "ours_compile_mb2": ("ours", False, 2, ["--compile", "true"]),
+    "ours_compile_mb3": ("ours", False, 3, ["--compile", "true"]),
     "ours_compile_gc": ("ours", True, 1, ["--compile", "true"]),
     "ours_compile_gc_mb4": ("ours", True, 4, ["--compile", "true"]),
 }

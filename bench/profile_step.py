@@ -71,11 +71,12 @@ def main() -> None:
         plan = make_plan(cfg, 1, lora)
         layout = init_distributed(1, 1, False, device)
         stage = build_stages(cfg, plan, layout)[0].train()
+        stage.emit_hidden = True  # as a training step runs it: the loss applies the head in chunks
         loss_fn = TokenLoss()
         targets = torch.roll(ids, -1, 1)
 
         def ours():
-            loss_fn(stage(ids), targets).backward()
+            loss_fn(stage(ids), targets, head=stage.loss_head).backward()
         profile(ours, a.top, "merak-lora stage (pp=1), one sequence")
 
 

@@ -35,7 +35,9 @@ def baseline(folder: str, gpus: int, seq: int, steps: int) -> dict:
     config = AutoConfig.from_pretrained(folder)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-    devices = {i: "70GiB" for i in range(gpus)} if cuda else {"cpu": "64GiB"}
+    # all of each GPU but 10 GiB for activations and the optimizer (accelerate fills GPUs in order)
+    devices = ({i: f"{torch.cuda.get_device_properties(i).total_memory // 2**30 - 10}GiB" for i in range(gpus)}
+               if cuda else {"cpu": "64GiB"})
     device_map = infer_auto_device_map(model, max_memory=devices, no_split_module_classes=["LlamaDecoderLayer"])
     for name, p in list(model.named_parameters()):
         owner = next(device_map[k] for k in sorted(device_map, key=len, reverse=True)
@@ -66,7 +68,7 @@ def baseline(folder: str, gpus: int, seq: int, steps: int) -> dict:
     return {"tokens_per_s": seq * len(times) / sum(times), "peak_gib": max(peaks), "min_gib": min(peaks)}
 
 
-def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: str) -> dict:
+def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: str, compile: bool) -> dict:
     """torchrun over the GPUs: one pipeline stage per GPU, weights drawn per stage on its own GPU."""
     tmp = tempfile.mkdtemp()
     data = long_records(os.path.join(tmp, "long.jsonl"), 4 * microbatches)
@@ -79,7 +81,7 @@ def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: s
            "--data_path", data, "--lora_config", lora, "--output_dir", out, "--pp", str(gpus),
            "--seq_length", str(seq), "--pad_to_multiple_of", "64", "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", str(microbatches), "--max_steps", str(steps + 1), "--logging_steps", "1",
-           "--save", "false", "--disable_tqdm", "true", "--report_to", "none",
+           "--save", "false", "--disable_tqdm", "true", "--report_to", "none", "--compile", str(compile).lower(),
            "--bf16", str(torch.cuda.is_available()).lower()]
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--microbatches", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--compile", default="false", help="merak-lora's --compile")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -106,10 +109,10 @@ def main() -> None:
         return
     base = run_worker(__file__, ["--worker", "baseline", "--arch", a.arch, "--gpus", str(a.gpus), "--seq",
                                  str(a.seq), "--steps", str(a.steps)], timeout=3000)
-    mine = ours(folder, a.gpus, a.seq, a.microbatches, a.steps, tempfile.mkdtemp())
+    mine = ours(folder, a.gpus, a.seq, a.microbatches, a.steps, tempfile.mkdtemp(), a.compile == "true")
     rows = [['device_map="auto" + PEFT, grad ckpt, microbatch 1', "-" if base is None else f"{base['tokens_per_s']:,.0f}",
              "-" if base is None else f"{base['peak_gib']:.1f}", "-", "1.00x"],
-            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches", f"{mine['tokens_per_s']:,.0f}",
+            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches, compile {a.compile}", f"{mine['tokens_per_s']:,.0f}",
              f"{mine['peak_gib']:.1f}", f"{mine['first_step_s']:.0f}",
              "-" if base is None else f"{mine['tokens_per_s'] / base['tokens_per_s']:.2f}x"]]
     table = markdown_table(["run", "tokens/s", "peak GiB (max GPU)", "launch to 1st step (s)", "ratio"], rows)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_target_module_exists
+from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError
 from .models import default_targets, is_adaptable, is_linear
@@ -179,17 +180,33 @@ def apply_lora(lm: nn.Module, user: LoraConfig, seed: int) -> nn.Module:
 def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT's LoRA linear, computed in the activations' dtype: the fp32 adapter weights are cast (they are
     tiny) instead of the activations (PEFT casts x to fp32, an extra copy of every input in bf16 training), and
-    the low-rank product is added to the base output in one addmm. Anything unusual goes to PEFT's own forward."""
+    the low-rank product is added to the base output in one addmm. Anything unusual goes to PEFT's own forward.
+
+    Under `torch.compile`, a dropout in training is recomputed in the backward (the partitioner replays its
+    RNG state) instead of saved: x itself is shared by the projections reading it (q,k,v; gate,up), but each
+    dropout's output and mask are its own, which with seven targets made up 40% of what a Llama decoder layer
+    kept for its backward. Eager mode keeps them: a checkpoint per linear there costs ~1 ms of host time each
+    (bench/RESULTS.md)."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or name is None or name not in self.lora_A
             or name in self.lora_variant or self.lora_B[name].bias is not None):
         return LoraLinear.forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    low = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+    a = self.lora_A[name].weight
+    drop = self.lora_dropout[name]
+    if (torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0
+            and torch.is_grad_enabled()):
+        low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
+    else:
+        low = F.linear(drop(x), a.to(x.dtype))
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
                       self.lora_B[name].weight.to(x.dtype).t(), alpha=self.scaling[name])
     return out.view_as(result)
+
+
+def _dropped_low_rank(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
+    return F.linear(F.dropout(x, p, training=True), a.to(x.dtype))
 
 
 @torch.no_grad()

@@ -38,6 +38,12 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "openelm": ("qkv_proj", "out_proj", "proj_1", "proj_2"),
 }
 
+# Families whose causal LM computes its logits as exactly `lm_head(final hidden states)` (checked against their
+# transformers code and in tests/test_models.py), so the last stage may hand the loss the hidden states and let it
+# apply the head chunk by chunk. Others (Cohere's logit scale, Granite's divisor, remote code) keep full logits.
+PLAIN_HEAD = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2",
+                        "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon", "opt", "deepseek_v2"})
+
 # Modules that run before the layers but are not embeddings, for families without a pp plan.
 _EXTRA_PRE: dict[str, tuple[str, ...]] = {
     "opt": ("model.decoder.project_in",),
@@ -52,6 +58,7 @@ class ModelParts:
     num_layers: int
     pre: tuple[str, ...]         # modules with weights that run before the layers (stage 0)
     post: tuple[str, ...]        # modules with weights after the layers: final norm, head (last stage)
+    plain_head: bool = False     # logits are the head applied to the final hidden states, nothing after
 
 
 def text_config(config):
@@ -106,7 +113,9 @@ def find_parts(lm: nn.Module, config) -> ModelParts:
         # so the last stage needs that matrix too.
         emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
         post += [name for name, mod in lm.named_modules() if mod is emb and name not in post]
-    return ModelParts(layers=layers_name, num_layers=n, pre=tuple(pre), post=tuple(post))
+    plain = (config.model_type in PLAIN_HEAD and out_emb is not None
+             and getattr(text_config(config), "final_logit_softcapping", None) is None)
+    return ModelParts(layers=layers_name, num_layers=n, pre=tuple(pre), post=tuple(post), plain_head=plain)
 
 
 def _pp_plan_pre(lm: nn.Module, config, layers_name: str) -> list[str]:

@@ -8,10 +8,13 @@ are kept.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
                                           ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
@@ -32,16 +35,60 @@ class TokenLoss:
     """Summed next-token cross-entropy over a microbatch, divided by the trained tokens of the whole global
     batch, so microbatch losses (and their gradients) add up to the global token mean on every layout.
 
-    `scale` is the fp16 loss scale (1 otherwise)."""
+    `scale` is the fp16 loss scale (1 otherwise). Given the last stage's frozen `head`, the output is the final
+    hidden states and the head is applied here a chunk of tokens at a time (see _HeadLoss)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_elements: int = 1 << 26) -> None:
         self.normalizer = 1.0
         self.scale = 1.0
+        self.chunk_elements = chunk_elements  # logits held at once by the chunked loss (256 MiB in fp32)
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    def __call__(self, out: torch.Tensor, targets: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
+        factor = self.scale / self.normalizer
+        if head is not None:
+            rows = max(1, self.chunk_elements // head.out_features)
+            want_grad = torch.is_grad_enabled() and out.requires_grad
+            return _HeadLoss.apply(out, head.weight, head.bias, targets, factor, rows, want_grad)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
-        return loss * (self.scale / self.normalizer)
+        return loss * factor
+
+
+class _HeadLoss(torch.autograd.Function):
+    """factor x summed cross-entropy of `hidden @ weight.T + bias`, never holding more than `rows` tokens' logits.
+
+    The head is frozen, so the only gradient is the hidden states'; it is computed in the forward, chunk by
+    chunk, while each chunk's logits exist ((softmax - onehot) @ weight, as cross-entropy's backward would),
+    and scaled in the backward. A 128k vocabulary at 2048 tokens would otherwise hold ~3 GiB of logits, their
+    fp32 copy, log-softmax and gradient per microbatch; this holds 256 MiB and does no extra matmul."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                factor: float, rows: int, want_grad: bool) -> torch.Tensor:
+        h = hidden.reshape(-1, hidden.shape[-1])
+        t = targets.reshape(-1)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if want_grad else None
+        for i in range(0, h.shape[0], rows):
+            tc = t[i:i + rows]
+            valid = tc != IGNORE
+            picked = tc.clamp(min=0)[:, None]
+            logits = F.linear(h[i:i + rows], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((lse - logits.gather(1, picked))[:, 0] * valid).sum()
+            if want_grad:
+                probs = logits.sub_(lse).exp_()
+                probs.scatter_add_(1, picked, torch.full_like(lse, -1.0))
+                probs.mul_((valid * factor)[:, None])
+                grad[i:i + rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.shape = hidden.shape
+        return total * factor
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * g).view(ctx.shape), None, None, None, None, None, None
 
 
 class Pipeline:
@@ -67,12 +114,32 @@ class Pipeline:
     def holds_last(self) -> bool:
         return any(s.spec.is_last for s in self.stages)
 
-    def _io_meta(self, stage: Stage, mbs: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _head(self) -> nn.Linear | None:
+        """The last stage's head when the loss applies it (chunked); None: the last stage returns logits."""
+        return next((s.loss_head for s in self.stages if s.spec.is_last), None)
+
+    @contextlib.contextmanager
+    def _head_in_loss(self) -> Iterator[None]:
+        """For this call only, a last stage with a loss head returns hidden states (others always return
+        logits: generation and `logits` reuse the same stages)."""
+        for stage in self.stages:
+            stage.emit_hidden = True
+        try:
+            yield
+        finally:
+            for stage in self.stages:
+                stage.emit_hidden = False
+
+    def _loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(out, targets, head=self._head)
+
+    def _io_meta(self, stage: Stage, mbs: int, seq: int, with_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
         def meta(*shape: int, dtype: torch.dtype = self.act_dtype) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
         inp = meta(mbs, seq, dtype=torch.long) if stage.spec.is_first else meta(mbs, seq, self.hidden_size)
-        out = (meta(mbs, seq, self.vocab_size, dtype=torch.float32) if stage.spec.is_last
-               else meta(mbs, seq, self.hidden_size))
+        logits = stage.spec.is_last and not (with_loss and stage.loss_head is not None)
+        out = meta(mbs, seq, self.vocab_size, dtype=torch.float32) if logits else meta(mbs, seq, self.hidden_size)
         return inp, out
 
     def _schedule(self, mbs: int, seq: int, with_loss: bool = True) -> Any:
@@ -82,12 +149,12 @@ class Pipeline:
             return self._schedules[key]
         pstages = []
         for stage in self.stages:
-            inp, out = self._io_meta(stage, mbs, seq)
+            inp, out = self._io_meta(stage, mbs, seq, with_loss)
             pstages.append(PipelineStage(stage, stage.spec.index, stage.spec.num_stages, self.layout.device,
                                          input_args=(inp,), output_args=(out,), group=self.layout.pp_group))
         cls = SCHEDULE_CLASSES[self.name]
         target = pstages[0] if self.name in SINGLE_STAGE else pstages
-        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self.loss_fn if with_loss else None,
+        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self._loss if with_loss else None,
                     scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > 2:
@@ -103,12 +170,14 @@ class Pipeline:
         """Forward and backward of every microbatch; the summed (scaled) loss where the last stage lives."""
         ids, targets, kwargs = self._on_device(batch)
         if self.layout.pp == 1:
-            return self._local_step(ids, targets, kwargs, backward=True)
+            with self._head_in_loss():
+                return self._local_step(ids, targets, kwargs, backward=True)
         mbs = ids.shape[0] // self.microbatches
         sched = self._schedule(mbs, ids.shape[1])
         args = (ids,) if self.holds_first else ()
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
-        sched.step(*args, target=targets if self.holds_last else None, losses=losses, **kwargs)
+        with self._head_in_loss():
+            sched.step(*args, target=targets if self.holds_last else None, losses=losses, **kwargs)
         return torch.stack([l.detach() for l in losses]).sum() if losses else None
 
     @torch.no_grad()
@@ -116,11 +185,13 @@ class Pipeline:
         """Forward only: the summed loss of the microbatches where the last stage lives (eval split)."""
         ids, targets, kwargs = self._on_device(batch)
         if self.layout.pp == 1:
-            return self._local_step(ids, targets, kwargs, backward=False)
+            with self._head_in_loss():
+                return self._local_step(ids, targets, kwargs, backward=False)
         sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1])
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
-        sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,
-                   losses=losses, **kwargs)
+        with self._head_in_loss():
+            sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,
+                       losses=losses, **kwargs)
         return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
@@ -139,7 +210,7 @@ class Pipeline:
         total = torch.zeros((), device=ids.device)
         for mb_ids, mb_targets, mb_kw in zip(ids.chunk(self.microbatches), targets.chunk(self.microbatches),
                                             _chunk_kwargs(kwargs, self.microbatches)):
-            loss = self.loss_fn(stage(mb_ids, **mb_kw), mb_targets)
+            loss = self._loss(stage(mb_ids, **mb_kw), mb_targets)
             if backward:
                 loss.backward()
             total += loss.detach()

@@ -157,13 +157,17 @@ def _checkpointed(forward):
 
 class Stage(nn.Module):
     """The module a PipelineStage runs: input ids (first stage) or hidden states in, hidden states or
-    logits (last stage) out."""
+    logits (last stage) out.
+
+    With `emit_hidden` set, a last stage whose `loss_head` is not None stops before its head and returns the
+    final hidden states: the loss applies the head itself, chunk by chunk (schedule.TokenLoss)."""
 
     def __init__(self, model: nn.Module, spec: StageSpec, parts: ModelParts):
         super().__init__()
         self.model = model
         self.spec = spec
         self.parts = parts
+        self.emit_hidden = False
         self._running = False
         self._received: torch.Tensor | None = None
         layers = self.layers()
@@ -171,6 +175,19 @@ class Stage(nn.Module):
             layers[spec.start].register_forward_pre_hook(self._inject, with_kwargs=True)
         if not spec.is_last:
             layers[spec.stop - 1].register_forward_hook(self._stop)
+        self.loss_head = self._frozen_plain_head() if spec.is_last else None
+        if self.loss_head is not None:
+            self.loss_head.register_forward_pre_hook(self._stop_before_head)
+
+    def _frozen_plain_head(self) -> nn.Linear | None:
+        """The head, if the loss can apply it in its place: a plain frozen Linear of a family whose logits are
+        nothing more than that Linear's output (LoRA on the head or a quantized head keep the full logits)."""
+        lm = self.base_lm()
+        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        if (self.parts.plain_head and type(head) is nn.Linear
+                and not any(p.requires_grad for p in head.parameters())):
+            return head
+        return None
 
     def layers(self) -> nn.ModuleList:
         return self.base_lm().get_submodule(self.parts.layers)
@@ -189,6 +206,10 @@ class Stage(nn.Module):
     def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._running:
             raise StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def _stop_before_head(self, module: nn.Module, args: tuple) -> None:
+        if self._running and self.emit_hidden:
+            raise StageOutput(args[0])
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """kwargs go to the model's forward: position_ids when packed; attention_mask, past_key_values and

@@ -44,8 +44,9 @@ def pipeline_run(model_dir: str, pp: int, lora: dict, b, with_generation: bool, 
     plan = make_plan(cfg, pp, lora)
     layout = init_distributed(pp, 1, False, "cpu")
     stages = build_stages(cfg, plan, layout)
-    pipe = Pipeline(stages, layout, "1f1b", b.input_ids.shape[0], TokenLoss(), plan.hidden_size, plan.vocab_size,
-                    torch.float32)
+    # 16 tokens' logits at a time, so families with a plain head run the chunked loss over several chunks
+    pipe = Pipeline(stages, layout, "1f1b", b.input_ids.shape[0], TokenLoss(chunk_elements=16 * plan.vocab_size),
+                    plan.hidden_size, plan.vocab_size, torch.float32)
     pipe.loss_fn.normalizer = b.targets_count
     for s in stages:
         s.train()
