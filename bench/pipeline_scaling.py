@@ -39,9 +39,13 @@ def sync():
 
 
 def isolated_compute(stages, mbs: int, seq: int, hidden: int, dtype, device, repeats: int = 3) -> float:
-    """Seconds one microbatch's forward and backward take on this rank's stages with no communication."""
+    """Seconds one microbatch's forward and backward take on this rank's stages with no communication (the last
+    stage with its loss, as in a step)."""
     import torch
+
+    from merak_lora.schedule import TokenLoss
     best = float("inf")
+    targets = torch.randint(3, 1000, (mbs, seq), device=device)
     for _ in range(repeats):
         sync()
         t = time.perf_counter()
@@ -50,8 +54,13 @@ def isolated_compute(stages, mbs: int, seq: int, hidden: int, dtype, device, rep
                 x = torch.randint(3, 1000, (mbs, seq), device=device)
             else:
                 x = torch.randn(mbs, seq, hidden, device=device, dtype=dtype, requires_grad=True)
+            stage.emit_hidden = True
             out = stage(x)
-            out.backward(torch.ones_like(out))
+            stage.emit_hidden = False
+            if stage.spec.is_last:
+                TokenLoss()(out, targets, head=stage.loss_head).backward()
+            else:
+                out.backward(torch.ones_like(out))
         sync()
         best = min(best, time.perf_counter() - t)
     for stage in stages:
