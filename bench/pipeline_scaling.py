@@ -140,6 +140,8 @@ def main() -> None:
         rows.append([schedule, world, chunks, a.microbatches, f"{n * a.seq / step_s:,.0f}",
                      f"{sum(bubbles) / len(bubbles):.3f}", f"{theory(schedule, world, a.microbatches):.3f}",
                      f"{max(float(g[2]) for g in gathered):.1f}" if cuda else "-"])
+        if rank == 0:  # as it is measured, so a later schedule's failure loses nothing
+            print("row: " + " | ".join(str(c) for c in rows[-1]), flush=True)
         del pipe, stages
         if cuda:
             torch.cuda.empty_cache()
