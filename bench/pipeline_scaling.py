@@ -131,7 +131,7 @@ def main() -> None:
         step_s = (time.perf_counter() - t) / a.steps
         compute = isolated_compute(stages, a.mbs, a.seq, plan.hidden_size, dtype, layout.device) * a.microbatches
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        stats = torch.tensor([step_s, max(0.0, 1 - compute / step_s), peak], dtype=torch.float64)
+        stats = torch.tensor([step_s, max(0.0, 1 - compute / step_s), peak], dtype=torch.float64, device=layout.device)
         gathered = [torch.zeros_like(stats) for _ in range(world)] if world > 1 else [stats]
         if world > 1:
             dist.all_gather(gathered, stats)
