@@ -35,9 +35,9 @@ def baseline(folder: str, gpus: int, seq: int, steps: int) -> dict:
     config = AutoConfig.from_pretrained(folder)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
-    # all of each GPU but 10 GiB for activations and the optimizer (accelerate fills GPUs in order)
-    devices = ({i: f"{torch.cuda.get_device_properties(i).total_memory // 2**30 - 10}GiB" for i in range(gpus)}
-               if cuda else {"cpu": "64GiB"})
+    # an even share of the weights per GPU, plus room for a layer (accelerate fills GPUs in order)
+    share = sum(p.numel() * p.element_size() for p in model.parameters()) // gpus // 2**30 + 4
+    devices = {i: f"{share}GiB" for i in range(gpus)} if cuda else {"cpu": "64GiB"}
     device_map = infer_auto_device_map(model, max_memory=devices, no_split_module_classes=["LlamaDecoderLayer"])
     for name, p in list(model.named_parameters()):
         owner = next(device_map[k] for k in sorted(device_map, key=len, reverse=True)
