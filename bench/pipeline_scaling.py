@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", default="false")
+    ap.add_argument("--partition_method", default="uniform")
     ap.add_argument("--results", default=RESULTS)
     a = ap.parse_args()
 
@@ -103,7 +104,7 @@ def main() -> None:
             continue
         chunks = 2 if schedule in SCHEDULES[2:] else 1
         cfg = Config(model_path=folder, pp=world, pipeline_schedule=schedule, bf16=cuda, random_weights=True,
-                     compile=a.compile == "true")
+                     compile=a.compile == "true", partition_method=a.partition_method)
         while not os.path.isfile(os.path.join(folder, "config.json")):
             time.sleep(1)
         plan = make_plan(cfg, world * chunks, lora)
@@ -137,7 +138,7 @@ def main() -> None:
             dist.all_gather(gathered, stats)
         step_s = max(float(g[0]) for g in gathered)
         bubbles = [float(g[1]) for g in gathered]
-        rows.append([schedule, world, chunks, a.microbatches, f"{n * a.seq / step_s:,.0f}",
+        rows.append([schedule, a.partition_method, world, chunks, a.microbatches, f"{n * a.seq / step_s:,.0f}",
                      f"{sum(bubbles) / len(bubbles):.3f}", f"{theory(schedule, world, a.microbatches):.3f}",
                      f"{max(float(g[2]) for g in gathered):.1f}" if cuda else "-"])
         if rank == 0:  # as it is measured, so a later schedule's failure loses nothing
@@ -146,7 +147,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     if rank == 0:
-        table = markdown_table(["schedule", "pp", "stages/rank", "microbatches", "tokens/s", "bubble measured",
+        table = markdown_table(["schedule", "partition", "pp", "stages/rank", "microbatches", "tokens/s", "bubble measured",
                                 "bubble theory", "peak GiB (max rank)"], rows)
         print(table)
         if a.results != "-":

@@ -1,7 +1,8 @@
 """How many decoder layers each pipeline stage gets.
 
-Stage 0 also holds the embeddings and the last stage the final norm and LM head; `parameters` counts those
-so the heavy vocabulary matrices do not make the end stages the slowest.
+Stage 0 also holds the embeddings and the last stage the final norm and LM head; `parameters` counts what
+of those costs compute (the head's matmul over the vocabulary; stage.plan_stages leaves out embedding lookups)
+so the last stage does not become the slowest.
 """
 
 from __future__ import annotations
