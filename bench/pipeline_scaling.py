@@ -84,7 +84,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from merak_lora.config import Config
+    from merak_lora.config import SPLIT_BACKWARD_SCHEDULES, Config
     from merak_lora.data import Batch
     from merak_lora.finetune import build_stages, make_plan
     from merak_lora.layout import env_ranks, init_distributed
@@ -101,6 +101,9 @@ def main() -> None:
     base_layout = init_distributed(world, 1, False, "auto")
     for schedule in a.schedules.split(","):
         if world == 1 and schedule not in ("1f1b",):
+            continue
+        if a.compile == "true" and schedule in SPLIT_BACKWARD_SCHEDULES:
+            print(f"skipped {schedule}: the trainer refuses it with --compile true (config.validate)", flush=True)
             continue
         chunks = 2 if schedule in SCHEDULES[2:] else 1
         cfg = Config(model_path=folder, pp=world, pipeline_schedule=schedule, bf16=cuda, random_weights=True,

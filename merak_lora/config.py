@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
 MULTI_STAGE_SCHEDULES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev")
 V_SCHEDULES = ("zbv", "dualpipev")
+# Zero-bubble schedules: a stage's backward runs as two passes (inputs' gradients, then weights').
+SPLIT_BACKWARD_SCHEDULES = ("interleaved_zb", "zbv", "dualpipev")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PARTITION_METHODS = ("uniform", "uniform_floor", "parameters")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
@@ -315,6 +317,11 @@ def validate(cfg: Config, world_size: int) -> None:
     else:
         need(cfg.stages_per_rank in (0,) or cfg.stages_per_rank >= 2,
              "--stages_per_rank must be at least 2 for interleaved schedules")
+    need(not (cfg.compile and cfg.pipeline_schedule in SPLIT_BACKWARD_SCHEDULES),
+         f"--compile true cannot run with --pipeline_schedule {cfg.pipeline_schedule}: its split backward needs "
+         "each operation's own autograd node, and a compiled layer is one (torch 2.11 fails on it; elsewhere the "
+         "layer's backward would run twice). Use --pipeline_schedule 1f1b or interleaved1f1b with --compile "
+         "(faster for LoRA anyway: bench/RESULTS.md), or --compile false")
     pp = cfg.pp or world_size
     need(cfg.pp >= 0, "--pp must be positive")
     need(world_size % pp == 0,

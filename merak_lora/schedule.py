@@ -29,9 +29,6 @@ SCHEDULE_CLASSES = {
     "interleaved_zb": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV,
 }
 SINGLE_STAGE = ("gpipe", "1f1b")
-# Schedules that run a stage's backward in two passes (inputs' gradients now, weights' later, retaining the
-# graph in between); a compiled layer's backward is one node, so it runs in each pass.
-SPLIT_BACKWARD = ("interleaved_zb", "zbv", "dualpipev")
 
 
 class TokenLoss:
@@ -108,9 +105,6 @@ class Pipeline:
         self.vocab_size = vocab_size
         self.act_dtype = act_dtype
         self._schedules: OrderedDict[tuple, Any] = OrderedDict()
-        if schedule in SPLIT_BACKWARD:
-            # A compiled backward may reuse ("donate") its saved buffers, which only a single pass allows.
-            torch._functorch.config.donated_buffer = False
 
     @property
     def holds_first(self) -> bool:
