@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--compile", default="false")
-    ap.add_argument("--partition_method", default="uniform")
+    ap.add_argument("--partition_method", default="parameters")
     ap.add_argument("--results", default=RESULTS)
     a = ap.parse_args()
 

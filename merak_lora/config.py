@@ -69,8 +69,8 @@ class Config:
     gradient_accumulation_steps: int = _help("Microbatches per optimizer step (per pipeline replica).", default=8)
     pp: int = _help("Pipeline stages (ranks per pipeline); world size / pp replicas train data-parallel. "
                     "0 means the whole world is one pipeline.", default=0)
-    partition_method: str = _help("uniform, uniform_floor, parameters, or layer counts like 3,3,2,2.",
-                                  default="uniform")
+    partition_method: str = _help("parameters (balance each stage's matmul work, the head included), uniform, "
+                                  "uniform_floor, or layer counts like 3,3,2,2.", default="parameters")
     pipeline_schedule: str = _help("gpipe, 1f1b, interleaved1f1b, interleaved_zb, zbv, dualpipev.", default="1f1b")
     stages_per_rank: int = _help("Model chunks per rank for interleaved schedules (zbv/dualpipev need 2).",
                                  default=0)

@@ -46,7 +46,7 @@ def test_qlora_bench_runs():
 def test_pipeline_scaling_bench_runs():
     out = run_bench("pipeline_scaling.py", "--arch", "tiny", "--seq", "32", "--microbatches", "2", "--steps", "1",
                     "--schedules", "1f1b,zbv", torchrun=2)
-    assert "| 1f1b | uniform | 2 | 1 | 2 |" in out and "| zbv | uniform | 2 | 2 | 2 |" in out
+    assert "| 1f1b | parameters | 2 | 1 | 2 |" in out and "| zbv | parameters | 2 | 2 | 2 |" in out
 
 
 def test_seventy_b_bench_runs():

@@ -44,3 +44,18 @@ def test_parameters_without_extras_is_even():
 def test_impossible_splits_say_how_to_fix(args, message):
     with pytest.raises(ConfigError, match=message):
         split_layers(*args)
+
+
+def test_parameters_counts_the_head_but_not_the_embedding_lookup(tiny_llama):
+    """Tiny Llama: a layer holds ~37k weights, the untied head and the embeddings 65k each. Counting only the
+    head, the last stage (1 layer + head ~ 2.8 layers of work) balances 3 layers; counting the embeddings too
+    would have split 2/2 and left the last stage the slowest."""
+    import torch
+
+    from merak_lora.models import find_parts
+    from merak_lora.stage import build_skeleton, load_model_config, plan_stages
+    config = load_model_config(tiny_llama, False)
+    lm = build_skeleton(config, torch.float32, False, "sdpa")
+    parts = find_parts(lm, config)
+    specs = plan_stages(lm, parts, 2, "parameters")
+    assert [(s.start, s.stop) for s in specs] == [(0, 3), (3, 4)]
