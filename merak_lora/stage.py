@@ -143,14 +143,13 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool, attn_imp
 def plan_stages(lm: nn.Module, parts: ModelParts, num_stages: int, method: str) -> list[StageSpec]:
     """Stage layer ranges. `parameters` weighs what a stage computes per token: a weight matrix costs in
     proportion to its size (one matmul, forward and backward), so the head counts like that many layer
-    parameters, while input embeddings are a lookup and count nothing."""
+    parameters, while input embeddings are a lookup and count nothing. After the layers everything is a matmul,
+    an embedding there included (OpenELM's head is its input embedding)."""
     layers = lm.get_submodule(parts.layers)
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-
-    def computed(names: tuple[str, ...]) -> int:
-        mods = [lm.get_submodule(n) for n in names]
-        return sum(p.numel() for m in mods if not isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
-    pre, post = computed(parts.pre), computed(parts.post)
+    pre = sum(p.numel() for n in parts.pre if not isinstance(mod := lm.get_submodule(n), nn.Embedding)
+              for p in mod.parameters(recurse=False))
+    post = sum(p.numel() for n in parts.post for p in lm.get_submodule(n).parameters(recurse=False))
     counts = split_layers(parts.num_layers, num_stages, method, layer_params, pre, post)
     return [StageSpec(i, num_stages, a, b) for i, (a, b) in enumerate(layer_ranges(counts))]
 
