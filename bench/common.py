@@ -31,8 +31,12 @@ def command_line() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
 
 
-def append_result(title: str, table: str, notes: str = "", path: str = RESULTS) -> None:
-    """Add one dated section (command, device, table) to bench/RESULTS.md."""
+def report(title: str, table: str, notes: str = "", path: str = RESULTS) -> None:
+    """Print the table and add it as one dated section (command, device, table) to `path` (bench/RESULTS.md;
+    "-" prints only, as CI's tiny runs do)."""
+    print(table)
+    if path == "-":
+        return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(RESULTS)).stdout.strip()
     stamp = datetime.date.today().isoformat()

@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import RESULTS, append_result, markdown_table  # noqa: E402
+from bench.common import RESULTS, markdown_table, report  # noqa: E402
 
 
 def main() -> None:
@@ -48,11 +48,9 @@ def main() -> None:
             rows.append([label, f"{a.records:,}", f"{tokens:,}", f"{dt:.2f}", f"{a.records / dt:,.0f}"])
             assert hit == label.startswith("cached")
     table = markdown_table(["pass", "records", "tokens", "seconds", "records/s"], rows)
-    print(table)
-    if a.results != "-":
-        append_result("Tokenization: records/s, cold and cached", table,
-                      "Chat template rendering and tokenization of every turn happen once on rank 0; other ranks "
-                      "and restarts read the safetensors cache.", a.results)
+    report("Tokenization: records/s, cold and cached", table,
+           "Chat template rendering and tokenization of every turn happen once on rank 0; other ranks "
+           "and restarts read the safetensors cache.", a.results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, append_result, markdown_table, write_random_model  # noqa: E402
+from bench.common import RESULTS, markdown_table, report, write_random_model  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -91,9 +91,7 @@ def main() -> None:
         rows.append(["transformers generate(), one process", a.batch, a.new, f"{hf_s:.2f}",
                      f"{a.batch * a.new / hf_s:,.0f}"])
     table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s"], rows)
-    print(table)
-    if a.results != "-":
-        append_result(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, "", a.results)
+    report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, "", a.results)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -18,8 +18,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import (RESULTS, TARGETS, append_result, flops_per_token, llama_config,  # noqa: E402
-                          markdown_table, peak_bf16_tflops, run_ours, run_worker, write_random_model)
+from bench.common import (RESULTS, TARGETS, flops_per_token, llama_config,  # noqa: E402
+                          markdown_table, peak_bf16_tflops, report, run_ours, run_worker, write_random_model)
 
 VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags for merak-lora)
     "plain_gc": ("plain", True, 1, []), "plain_gc_mb4": ("plain", True, 4, []), "plain": ("plain", False, 1, []),
@@ -114,12 +114,10 @@ def main() -> None:
             row[-1] = ", ".join(ratios)
     table = markdown_table(["variant", "microbatch", "grad ckpt", "tokens/s", "peak GiB", "model TFLOP/s",
                             "MFU", "launch to 1st step (s)", "vs plain loop"], rows)
-    print(table)
-    if args.results != "-":
-        append_result(f"One GPU, {args.arch}, sequence {args.seq}: merak-lora (pp=1) vs transformers + PEFT loop",
-                      table, f"MFU against the measured bf16 matrix rate of this GPU, {peak:.0f} TFLOP/s; FLOPs "
-                      f"per token {flops_per_token(config, args.seq) / 1e9:.1f} G (4N + attention + LoRA; frozen "
-                      "weights have no weight gradient, recomputation not counted).", args.results)
+    report(f"One GPU, {args.arch}, sequence {args.seq}: merak-lora (pp=1) vs transformers + PEFT loop",
+           table, f"MFU against the measured bf16 matrix rate of this GPU, {peak:.0f} TFLOP/s; FLOPs "
+           f"per token {flops_per_token(config, args.seq) / 1e9:.1f} G (4N + attention + LoRA; frozen "
+           "weights have no weight gradient, recomputation not counted).", args.results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, TARGETS, append_result, markdown_table, write_random_model  # noqa: E402
+from bench.common import RESULTS, TARGETS, markdown_table, report, write_random_model  # noqa: E402
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev"]
 
@@ -135,7 +135,8 @@ def main() -> None:
         step_s = (time.perf_counter() - t) / a.steps
         compute = isolated_compute(stages, a.mbs, a.seq, plan.hidden_size, dtype, layout.device) * a.microbatches
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        stats = torch.tensor([step_s, max(0.0, 1 - compute / step_s), peak], dtype=torch.float64, device=layout.device)
+        stats = torch.tensor([step_s, max(0.0, 1 - compute / step_s), peak], dtype=torch.float64,
+                             device=layout.device)
         gathered = [torch.zeros_like(stats) for _ in range(world)] if world > 1 else [stats]
         if world > 1:
             dist.all_gather(gathered, stats)
@@ -150,13 +151,11 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     if rank == 0:
-        table = markdown_table(["schedule", "partition", "pp", "stages/rank", "microbatches", "tokens/s", "bubble measured",
-                                "bubble theory", "peak GiB (max rank)"], rows)
-        print(table)
-        if a.results != "-":
-            append_result(f"Pipeline scaling, {a.arch}, sequence {a.seq}, pp={world}", table,
-                          "Bubble measured = 1 - isolated per-rank compute / step time, averaged over ranks.",
-                          a.results)
+        table = markdown_table(["schedule", "partition", "pp", "stages/rank", "microbatches", "tokens/s",
+                                "bubble measured", "bubble theory", "peak GiB (max rank)"], rows)
+        report(f"Pipeline scaling, {a.arch}, sequence {a.seq}, pp={world}", table,
+               "Bubble measured = 1 - isolated per-rank compute / step time, averaged over ranks.",
+               a.results)
     if dist.is_initialized():
         dist.destroy_process_group()
 

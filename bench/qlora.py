@@ -15,7 +15,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, append_result, markdown_table, run_ours, run_worker, write_random_model  # noqa
+from bench.common import RESULTS, markdown_table, report, run_ours, run_worker, write_random_model  # noqa
 
 FOUR_BIT = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--bnb_4bit_use_double_quant", "true",
             "--bnb_4bit_compute_dtype", "bfloat16", "--optim", "paged_adamw_32bit"]
@@ -53,9 +53,7 @@ def main() -> None:
                      "failed" if r is None else f"{r['peak_gib']:.1f}",
                      "-" if r is None else f"{r['tokens_per_s']:,.0f}"])
     table = markdown_table(["base weights", "loaded from", "grad ckpt", "peak GiB (one rank)", "tokens/s"], rows)
-    print(table)
-    if a.results != "-":
-        append_result(f"QLoRA, {a.arch}, sequence {a.seq}, microbatch 1, pp=1", table, "", a.results)
+    report(f"QLoRA, {a.arch}, sequence {a.seq}, microbatch 1, pp=1", table, "", a.results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import (RESULTS, TARGETS, append_result, long_records, markdown_table, run_worker,  # noqa: E402
+from bench.common import (RESULTS, TARGETS, long_records, markdown_table, report, run_worker,  # noqa: E402
                           write_random_model)
 
 
@@ -81,8 +81,8 @@ def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: s
            "--data_path", data, "--lora_config", lora, "--output_dir", out, "--pp", str(gpus),
            "--seq_length", str(seq), "--pad_to_multiple_of", "64", "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", str(microbatches), "--max_steps", str(steps + 1), "--logging_steps", "1",
-           "--save", "false", "--disable_tqdm", "true", "--report_to", "none", "--compile", str(compile).lower(),
-           "--bf16", str(torch.cuda.is_available()).lower()]
+           "--save", "false", "--disable_tqdm", "true", "--report_to", "none",
+           "--compile", str(compile).lower(), "--bf16", str(torch.cuda.is_available()).lower()]
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -110,15 +110,14 @@ def main() -> None:
     base = run_worker(__file__, ["--worker", "baseline", "--arch", a.arch, "--gpus", str(a.gpus), "--seq",
                                  str(a.seq), "--steps", str(a.steps)], timeout=3000)
     mine = ours(folder, a.gpus, a.seq, a.microbatches, a.steps, tempfile.mkdtemp(), a.compile == "true")
-    rows = [['device_map="auto" + PEFT, grad ckpt, microbatch 1', "-" if base is None else f"{base['tokens_per_s']:,.0f}",
+    rows = [['device_map="auto" + PEFT, grad ckpt, microbatch 1',
+             "-" if base is None else f"{base['tokens_per_s']:,.0f}",
              "-" if base is None else f"{base['peak_gib']:.1f}", "-", "1.00x"],
-            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches, compile {a.compile}", f"{mine['tokens_per_s']:,.0f}",
-             f"{mine['peak_gib']:.1f}", f"{mine['first_step_s']:.0f}",
+            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches, compile {a.compile}",
+             f"{mine['tokens_per_s']:,.0f}", f"{mine['peak_gib']:.1f}", f"{mine['first_step_s']:.0f}",
              "-" if base is None else f"{mine['tokens_per_s'] / base['tokens_per_s']:.2f}x"]]
     table = markdown_table(["run", "tokens/s", "peak GiB (max GPU)", "launch to 1st step (s)", "ratio"], rows)
-    print(table)
-    if a.results != "-":
-        append_result(f"{a.arch} across {a.gpus} GPUs: merak-lora pipeline vs device_map=auto", table, "", a.results)
+    report(f"{a.arch} across {a.gpus} GPUs: merak-lora pipeline vs device_map=auto", table, "", a.results)
 
 
 if __name__ == "__main__":
