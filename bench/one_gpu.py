@@ -1,9 +1,14 @@
-"""One GPU: merak-lora at pp=1 against the plain transformers + PEFT loop of the fine-tuning tutorials, same model
-(random weights), same sequence length, same LoRA (r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down), bf16,
-SDPA, in one run. Each variant runs in its own process so peak memory is its own.
+"""One GPU: merak-lora at pp=1 against the plain transformers + PEFT loop of the fine-tuning tutorials, and the
+same loop with Liger kernels (fused RMSNorm, RoPE, SwiGLU, fused linear cross-entropy), same model (random
+weights), same sequence length, same LoRA (r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down), bf16, SDPA, in
+one run; each as a fraction of the GPU's ceiling for the step (bench/ceiling.py; the FP8 rows, `--fp8 true`,
+against the ceiling with the linears in FP8). Each variant runs in its own
+process so peak memory is its own.
 
-    python bench/one_gpu.py --arch llama3-8b --seq 2048 [--variants plain_gc,plain,ours,ours_gc] [--steps 6]
+    python bench/one_gpu.py --arch llama3-8b --seq 2048 [--variants plain,liger_mb2,ours_compile_mb2] [--steps 6]
     python bench/one_gpu.py --arch tiny --seq 128 --results -        # CPU, seconds: only checks it runs
+
+The Liger rows need `liger-kernel` importable (pure Python + Triton; `pip install liger-kernel==0.8.5`).
 """
 
 from __future__ import annotations
@@ -23,20 +28,29 @@ from bench.common import (RESULTS, TARGETS, flops_per_token, llama_config,  # no
 
 VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags for merak-lora)
     "plain_gc": ("plain", True, 1, []), "plain_gc_mb4": ("plain", True, 4, []), "plain": ("plain", False, 1, []),
+    "liger": ("liger", False, 1, []), "liger_mb2": ("liger", False, 2, []), "liger_mb3": ("liger", False, 3, []),
     "ours": ("ours", False, 1, []), "ours_gc": ("ours", True, 1, []), "ours_gc_mb4": ("ours", True, 4, []),
     "ours_compile": ("ours", False, 1, ["--compile", "true"]),
     "ours_compile_mb2": ("ours", False, 2, ["--compile", "true"]),
     "ours_compile_mb3": ("ours", False, 3, ["--compile", "true"]),
     "ours_compile_gc": ("ours", True, 1, ["--compile", "true"]),
     "ours_compile_gc_mb4": ("ours", True, 4, ["--compile", "true"]),
+    "ours_fp8_mb2": ("ours", False, 2, ["--compile", "true", "--fp8", "true"]),
+    "ours_fp8_mb3": ("ours", False, 3, ["--compile", "true", "--fp8", "true"]),
+    "ours_fp8_mb4": ("ours", False, 4, ["--compile", "true", "--fp8", "true"]),
 }
 
 
-def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int) -> dict:
-    """The tutorials' loop: AutoModelForCausalLM + get_peft_model, AdamW on the adapter, labels = input ids."""
+def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int, liger: bool = False) -> dict:
+    """The tutorials' loop: AutoModelForCausalLM + get_peft_model, AdamW on the adapter, labels = input ids; with
+    `liger`, Liger's kernels patched into transformers' Llama first (as its README shows)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -66,8 +80,8 @@ def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: 
 
 def worker(args) -> None:
     runner, gc, mb, extra = VARIANTS[args.worker]
-    if runner == "plain":
-        out = plain_loop(args.model_dir, args.seq, mb, gc, args.steps, args.warmup)
+    if runner in ("plain", "liger"):
+        out = plain_loop(args.model_dir, args.seq, mb, gc, args.steps, args.warmup, liger=runner == "liger")
     else:
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
@@ -95,29 +109,47 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     peak = peak_bf16_tflops() if cuda else float("nan")
     config = llama_config(args.arch)
+    ceilings: dict[int, dict] = {}
+    if cuda:
+        from bench.ceiling import ceiling
+        for mb in sorted({VARIANTS[name][2] for name in args.variants.split(",")}):
+            ceilings[mb] = ceiling(config, mb, args.seq)
+            print(f"ceiling at microbatch {mb}: bf16 {ceilings[mb]['bf16_tokens_per_s']:,.0f} tokens/s, FP8 "
+                  f"linears {ceilings[mb]['fp8_tokens_per_s']:,.0f}", flush=True)
+        torch.cuda.empty_cache()  # the variants run in processes of their own: leave them the whole GPU
     rows, measured = [], {}
     for name in args.variants.split(","):
         runner, gc, mb, _ = VARIANTS[name]
         r = run_worker(__file__, ["--worker", name, "--model_dir", model_dir, "--seq", str(args.seq), "--steps",
                                   str(args.steps), "--warmup", str(args.warmup), "--ours_flags", args.ours_flags])
         if r is None:
-            rows.append([name, mb, gc, "failed", "-", "-", "-", "-", "-"])
+            rows.append([name, mb, gc, "failed", "-", "-", "-", "-", "-", "-"])
             continue
         measured[name] = r["tokens_per_s"]
         tflops = r["tokens_per_s"] * flops_per_token(config, args.seq) / 1e12
         first = f"{r['first_step_s']:.0f}" if "first_step_s" in r else "-"
+        fp8 = "--fp8" in VARIANTS[name][3]
+        of_ceiling = (f"{r['tokens_per_s'] / ceilings[mb]['fp8_tokens_per_s' if fp8 else 'bf16_tokens_per_s']:.0%}"
+                      f"{' (FP8)' if fp8 else ''}" if mb in ceilings else "-")
         rows.append([name, mb, gc, f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.1f}", f"{tflops:.0f}",
-                     f"{100 * tflops / peak:.1f}%" if cuda else "-", first, ""])
+                     f"{100 * tflops / peak:.1f}%" if cuda else "-", of_ceiling, first, ""])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    ligers = [n for n in measured if n.startswith("liger")]
+    best_liger = max(ligers, key=measured.get) if ligers else None
     for row in rows:
         if row[0] in measured:
-            ratios = [f"{measured[row[0]] / measured[b]:.2f}x {b}" for b in ("plain_gc", "plain") if b in measured]
+            ratios = [f"{measured[row[0]] / measured[b]:.2f}x {b}" for b in ("plain_gc", "plain", best_liger)
+                      if b in measured and b != row[0]]
             row[-1] = ", ".join(ratios)
     table = markdown_table(["variant", "microbatch", "grad ckpt", "tokens/s", "peak GiB", "model TFLOP/s",
-                            "MFU", "launch to 1st step (s)", "vs plain loop"], rows)
+                            "MFU", "of ceiling", "launch to 1st step (s)", "vs the loops"], rows)
+    limits = "; ".join(f"microbatch {mb}: bf16 {c['bf16_tokens_per_s']:,.0f}, FP8 linears "
+                       f"{c['fp8_tokens_per_s']:,.0f} tokens/s" for mb, c in ceilings.items())
     report(f"One GPU, {args.arch}, sequence {args.seq}: merak-lora (pp=1) vs transformers + PEFT loop",
            table, f"MFU against the measured bf16 matrix rate of this GPU, {peak:.0f} TFLOP/s; FLOPs "
            f"per token {flops_per_token(config, args.seq) / 1e9:.1f} G (4N + attention + LoRA; frozen "
-           "weights have no weight gradient, recomputation not counted).", args.results)
+           "weights have no weight gradient, recomputation not counted). Ceiling (bench/ceiling.py, same run): "
+           f"{limits or 'not measured (no GPU)'}.", args.results)
 
 
 if __name__ == "__main__":

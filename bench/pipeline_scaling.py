@@ -117,7 +117,7 @@ def main() -> None:
                         dtype)
         n = a.microbatches * a.mbs
         ids = torch.randint(3, 1000, (n, a.seq))
-        batch = Batch(ids, torch.roll(ids, -1, 1), None, n * a.seq, n * a.seq)
+        batch = Batch(ids, torch.roll(ids, -1, 1), None, n * a.seq, n * a.seq, (n, a.seq))
         pipe.loss_fn.normalizer = batch.targets_count
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -2,6 +2,10 @@
 transformers + PEFT loop, from torch.profiler. For deciding what to optimise, not for RESULTS.md.
 
     python bench/profile_step.py --arch llama3-8b --seq 2048 [--which ours|plain|both] [--top 25]
+        [--microbatch 3 --compile true]
+
+After the kernel table, the GPU time of the step by kind of kernel: matrix products (cuBLAS/CUTLASS), flash
+attention, Triton kernels (what torch.compile fused), other elementwise kernels, the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +37,27 @@ def profile(step, top: int, label: str) -> None:
     print(f"===== {label}")
     key = "cuda_time_total" if cuda else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+    if cuda:
+        print(kinds(prof))
+
+
+KINDS = (("matrix products", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "_mm_")),
+         ("flash attention", ("flash", "fmha", "attention")), ("triton (compiled)", ("triton",)),
+         ("elementwise / reductions", ("elementwise", "reduce", "vectorized", "unrolled", "copy", "fill")))
+
+
+def kinds(prof) -> str:
+    """GPU time of the profiled step by kind of kernel (each kernel counted once, by its first matching kind)."""
+    totals: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type.name != "CUDA":
+            continue
+        name = evt.name.lower()
+        kind = next((k for k, keys in KINDS if any(key in name for key in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + evt.device_time_total
+    whole = sum(totals.values()) or 1.0
+    return "\n".join(f"{k:<26} {v / 1e3:9.1f} ms  {v / whole:5.1%}" for k, v in
+                     sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -41,6 +66,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--which", default="both")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--microbatch", type=int, default=1)
+    ap.add_argument("--compile", default="false")
     a = ap.parse_args()
 
     import torch
@@ -49,7 +76,7 @@ def main() -> None:
 
     model_dir = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ids = torch.randint(3, 1000, (1, a.seq), device=device)
+    ids = torch.randint(3, 1000, (a.microbatch, a.seq), device=device)
     if a.which in ("plain", "both"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=TARGETS))
@@ -67,7 +94,7 @@ def main() -> None:
         from merak_lora.layout import init_distributed
         from merak_lora.schedule import TokenLoss
         lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS}
-        cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora))
+        cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora), compile=a.compile == "true")
         plan = make_plan(cfg, 1, lora)
         layout = init_distributed(1, 1, False, device)
         stage = build_stages(cfg, plan, layout)[0].train()
@@ -77,7 +104,7 @@ def main() -> None:
 
         def ours():
             loss_fn(stage(ids), targets, head=stage.loss_head).backward()
-        profile(ours, a.top, "merak-lora stage (pp=1), one sequence")
+        profile(ours, a.top, f"merak-lora stage (pp=1), microbatch {a.microbatch}, compile {a.compile}")
 
 
 if __name__ == "__main__":

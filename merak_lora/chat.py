@@ -16,11 +16,14 @@ from typing import IO, Any
 
 import torch.distributed as dist
 
-from .config import Config, ConfigError, help_text, parse_args
+from .config import NOT_APPLICABLE, Config, ConfigError, help_text, parse_args
 from .generate import LocalGenerator, PipelineGenerator, Sampling
 from .templates import Formatter
 
 log = logging.getLogger("merak_lora")
+# Merak's gen_text.py flags: reported once, as every flag without an effect is
+NOT_APPLICABLE_HERE = {**NOT_APPLICABLE, "return_logits": "answers are decoded to text; no logits are returned",
+                       "text_generation": "launch/gen_text.py always generates text"}
 
 
 @dataclass
@@ -39,8 +42,6 @@ class GenConfig(Config):
     gen_batch_size: int = 8
     compare_base: bool = False
     adapter_path: str = ""
-    text_generation: bool = True
-    return_logits: bool = True
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
@@ -113,28 +114,37 @@ class Chat:
             ids = self.gen.generate([prompt], self.sampling, adapter, stream.on_token)[0]
             out.write("\n")
             out.flush()
+            if self.gen.interrupted:
+                return
             answer = self.decode(ids)
         self.history = messages + [{"role": "assistant", "content": answer}]
 
     def interactive(self, inp: IO[str], out: IO[str]) -> None:
-        out.write("merak-lora chat: type a message; /reset clears the conversation, /exit quits.\n")
+        """Questions from `inp` until end of input, /exit or Ctrl-C (at the prompt or during an answer)."""
+        out.write("merak-lora chat: type a message; /reset clears the conversation, /exit or Ctrl-C quits.\n")
         out.flush()
-        while True:
-            out.write(">>> ")
-            out.flush()
-            line = inp.readline()
-            if not line:  # end of input
-                break
-            text = line.strip()
-            if not text:
-                continue
-            if text == "/exit":
-                break
-            if text == "/reset":
-                self.history = []
-                out.write("(conversation cleared)\n")
-                continue
-            self.turn(text, out)
+        try:
+            while True:
+                out.write(">>> ")
+                out.flush()
+                line = inp.readline()
+                if not line:  # end of input
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                if text == "/exit":
+                    break
+                if text == "/reset":
+                    self.history = []
+                    out.write("(conversation cleared)\n")
+                    continue
+                self.turn(text, out)
+                if self.gen.interrupted:
+                    break
+        except KeyboardInterrupt:
+            out.write("\n")
+        out.flush()
 
     def batch(self, questions: list[str], out_path: str) -> None:
         rows = []
@@ -143,6 +153,9 @@ class Chat:
             chunk = questions[i:i + size]
             tuned = self.answer_batch(chunk, adapter=True)
             base = self.answer_batch(chunk, adapter=False) if self.cfg.compare_base else [None] * len(chunk)
+            if self.gen.interrupted:
+                log.warning("interrupted by Ctrl-C: the answers so far are written")
+                break
             for q, a, b in zip(chunk, tuned, base):
                 rows.append({"prompt": q, "answer": a, **({"base_answer": b} if b is not None else {})})
             log.info(f"generated {min(i + size, len(questions))}/{len(questions)}")
@@ -203,8 +216,8 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
 
     from .checkpoint import check_compatible, load_adapter
     from .export import peft_config
-    from .finetune import compute_dtype
     from .layout import pick_device
+    from .plan import compute_dtype
     from .lora import adapter_params
 
     device = pick_device(cfg.device, 0)
@@ -213,7 +226,7 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
     if cfg.adapter_path:
         model = PeftModel.from_pretrained(model, cfg.adapter_path)
     elif ckpt:
-        check_compatible(ckpt, meta, model.config, meta["lora"])
+        check_compatible(ckpt, meta, model.config, meta["lora"], stages=[])
         model = get_peft_model(model, peft_config(meta))
         load_adapter(ckpt, meta, {0: adapter_params(model)})
     model.eval()
@@ -222,16 +235,23 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
 
 def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .checkpoint import check_compatible, load_adapter
-    from .finetune import build_stages, checked_quantization, compute_dtype, make_plan
+    from .checks import checked_quantization
     from .layout import init_distributed
     from .lora import adapter_params
+    from .models import NO_PIPELINE_GENERATION
+    from .plan import build_stages, compute_dtype, make_plan
 
     pp = cfg.pp or world
     chunks = cfg.chunks_per_rank()
     lora_raw = {k: v for k, v in meta["lora"].items() if k != "base_model_name_or_path"} if meta else None
     plan = make_plan(cfg, pp * chunks, lora_raw)
+    model_type = plan.model_config.model_type
+    if pp * chunks > 1 and model_type in NO_PIPELINE_GENERATION:
+        raise ConfigError(f"model type {model_type!r} cannot generate across pipeline stages yet "
+                          f"({NO_PIPELINE_GENERATION[model_type]}); generate in one process instead: python "
+                          "launch/gen_text.py with the same flags (transformers' generate on the whole model)")
     if ckpt:
-        check_compatible(ckpt, meta, plan.model_config, meta["lora"])
+        check_compatible(ckpt, meta, plan.model_config, meta["lora"], stages=[])
     layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
     if layout.dp > 1:
         raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
@@ -274,18 +294,23 @@ def run(cfg: GenConfig, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print("usage: [torchrun ...] launch/gen_text.py --model_path DIR [--resume_peft_from_checkpoint CKPT] "
-              "...\n\n" + help_text(GenConfig))
+        print("usage: [python -m merak_lora.launch ...] launch/gen_text.py --model_path DIR "
+              "[--resume_peft_from_checkpoint CKPT] ...\n\n" + help_text(GenConfig))
         return 0
     from .layout import env_ranks
     rank = env_ranks()[0]
     try:
-        cfg: Any = parse_args(argv, config_cls=GenConfig, warn=lambda m: rank == 0 and print(m, file=sys.stderr))
+        cfg: Any = parse_args(argv, config_cls=GenConfig, warn=lambda m: rank == 0 and print(m, file=sys.stderr),
+                              not_applicable=NOT_APPLICABLE_HERE)
         run(cfg)
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while loading, before the chat began
+        if rank == 0:
+            print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -171,6 +171,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def gather_adapter(layout, stage_params: dict[int, dict[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Every stage's adapter tensors on rank 0 (an empty dict elsewhere), sent over the process group, so the
+    final adapter needs no file system shared between nodes."""
+    mine = {name: p.detach().cpu() for ps in stage_params.values() for name, p in ps.items()} \
+        if layout.dp_rank == 0 else {}
+    if not dist.is_initialized():
+        return mine
+    parts: list[Any] | None = [None] * layout.world if layout.rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if parts else {}
+
+
 def _write_text(path: str, text: str) -> None:
     def w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -258,8 +270,31 @@ def read_meta(ckpt: str) -> dict:
         raise ConfigError(f"checkpoint {ckpt}: cannot read {META} ({e})") from None
 
 
-def check_compatible(ckpt: str, meta: dict, model_config, lora_raw: dict) -> None:
-    """Refuse a checkpoint of another base model or LoRA shape before any weight is touched."""
+@dataclass
+class Resume:
+    """A checkpoint to continue from, checked before any weight is read; the training-state files of the stages
+    this rank needs are already loaded (each file is read once)."""
+
+    folder: str
+    meta: dict
+    states: dict[int, dict]          # saved stage -> lora_partial_model_optim.pt payload
+
+
+def stages_holding(meta: dict, ranges: list[tuple[int, int]], first: bool, last: bool) -> list[int]:
+    """The saved stages whose tensors a rank with these layer ranges needs: those whose layers overlap them, and
+    the saved first/last stage for what sits before/after the layers (embeddings, head)."""
+    split = [tuple(r) for r in meta["layer_split"]]
+    out = {s for s, (a, b) in enumerate(split) for c, d in ranges if a < d and c < b}
+    if first:
+        out.add(0)
+    if last:
+        out.add(len(split) - 1)
+    return sorted(out)
+
+
+def check_compatible(ckpt: str, meta: dict, model_config, lora_raw: dict, stages: list[int] | None = None) -> Resume:
+    """Refuse a checkpoint of another base model or LoRA shape before any weight is touched; load the training
+    state of `stages` (all when None)."""
     want = config_hash(model_config)
     if meta.get("base_config_hash") != want:
         raise ConfigError(
@@ -282,16 +317,26 @@ def check_compatible(ckpt: str, meta: dict, model_config, lora_raw: dict) -> Non
             if not os.path.isfile(os.path.join(d, f)):
                 raise ConfigError(f"checkpoint {ckpt} is incomplete: {os.path.join(stage_dir_name(s), f)} is "
                                   "missing; copy the whole checkpoint folder or resume from an earlier one")
-    # Read every file once now, so a truncated copy fails here and not after the model is loaded.
-    load_adapter_tensors(ckpt, meta)
-    load_states(ckpt, meta)
+        _adapter_keys(os.path.join(d, ADAPTER_FILE))  # headers only: a truncated copy fails here
+    wanted = range(int(meta["num_stages"])) if stages is None else stages
+    return Resume(ckpt, meta, dict(zip(wanted, load_states(ckpt, meta, list(wanted)))))
+
+
+def _adapter_keys(path: str) -> list[str]:
+    try:
+        with safe_open(path, framework="pt") as fh:
+            return list(fh.keys())
+    except Exception as e:  # safetensors raises SafetensorError / OSError on damaged files
+        raise ConfigError(f"checkpoint file {path} is unreadable ({e}); it may be truncated. Resume from an "
+                          "earlier checkpoint.") from None
 
 
 def load_adapter_tensors(ckpt: str, meta: dict, names: set[str] | None = None,
-                         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Adapter tensors by global name from every stage folder (only `names` when given)."""
+                         device: torch.device | str = "cpu",
+                         stages: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors by global name from every stage folder, or from `stages` (only `names` when given)."""
     out: dict[str, torch.Tensor] = {}
-    for s in range(int(meta["num_stages"])):
+    for s in range(int(meta["num_stages"])) if stages is None else stages:
         path = os.path.join(ckpt, stage_dir_name(s), ADAPTER_FILE)
         try:
             with safe_open(path, framework="pt", device=str(device)) as fh:
@@ -317,11 +362,12 @@ def load_states(ckpt: str, meta: dict, stages: list[int] | None = None) -> list[
     return out
 
 
-def load_adapter(ckpt: str, meta: dict,
-                 stage_params: dict[int, dict[str, torch.nn.Parameter]]) -> dict[str, torch.nn.Parameter]:
-    """Copy the checkpoint's adapter tensors into this rank's parameters, found by global name."""
+def load_adapter(ckpt: str, meta: dict, stage_params: dict[int, dict[str, torch.nn.Parameter]],
+                 stages: list[int] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Copy the checkpoint's adapter tensors into this rank's parameters, found by global name (in the saved
+    `stages` only, when given)."""
     params = {name: p for ps in stage_params.values() for name, p in ps.items()}
-    tensors = load_adapter_tensors(ckpt, meta, set(params))
+    tensors = load_adapter_tensors(ckpt, meta, set(params), stages=stages)
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise ConfigError(f"checkpoint {ckpt} lacks {len(missing)} adapter tensors this stage needs "
@@ -332,22 +378,23 @@ def load_adapter(ckpt: str, meta: dict,
     return params
 
 
-def restore(ckpt: str, meta: dict, stage_params: dict[int, dict[str, torch.nn.Parameter]],
+def restore(resume: Resume, stage_params: dict[int, dict[str, torch.nn.Parameter]],
             optimizer: torch.optim.Optimizer, layout, seed: int) -> TrainState:
     """Load adapter and optimizer state by tensor name (any saved stage count), plus step, data position and,
     on an unchanged layout, every rank's RNG."""
-    params = load_adapter(ckpt, meta, stage_params)
-    states = load_states(ckpt, meta)
-    by_name = {name: st for payload in states for name, st in payload["optimizer"].items()}
+    meta = resume.meta
+    params = load_adapter(resume.folder, meta, stage_params, sorted(resume.states))
+    by_name = {name: st for payload in resume.states.values() for name, st in payload["optimizer"].items()}
+    fused = bool(optimizer.defaults.get("fused"))  # a fused AdamW keeps its step counts on the GPU too
     for name, p in params.items():
         if name in by_name:
-            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+            optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and (v.dim() > 0 or fused) else v)
                                   for k, v in by_name[name].items()}
-    first = states[0]
+    first = next(iter(resume.states.values()))
     state = TrainState(global_step=int(first["global_step"]), consumed_samples=int(first["consumed_samples"]),
                        skipped_steps=int(first.get("skipped_steps", 0)), scaler=first.get("scaler") or {})
     same = (int(meta["pp"]), int(meta["dp"]), int(meta["num_stages"])) == (layout.pp, layout.dp, layout.num_stages)
-    own = states[layout.stage_ids()[0]]["rng"].get(layout.rank) if same else None
+    own = resume.states[layout.stage_ids()[0]]["rng"].get(layout.rank) if same else None
     if own is not None:
         set_rng_state(own)
     else:

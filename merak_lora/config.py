@@ -23,10 +23,8 @@ MULTI_STAGE_SCHEDULES = ("interleaved1f1b", "interleaved_zb", "zbv", "dualpipev"
 V_SCHEDULES = ("zbv", "dualpipev")
 # Zero-bubble schedules: a stage's backward runs as two passes (inputs' gradients, then weights').
 SPLIT_BACKWARD_SCHEDULES = ("interleaved_zb", "zbv", "dualpipev")
-LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PARTITION_METHODS = ("uniform", "uniform_floor", "parameters")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "adamw_8bit", "paged_adamw_8bit")
-INPUT_NAMES = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -75,8 +73,6 @@ class Config:
     stages_per_rank: int = _help("Model chunks per rank for interleaved schedules (zbv/dualpipev need 2).",
                                  default=0)
     no_tie_modules: bool = _help("Give first and last stage separate copies of tied embeddings.", default=False)
-    input_names: list = _help("Model inputs fed to the pipeline (Merak flag): input_ids, labels, ...",
-                              default_factory=lambda: ["input_ids", "labels"])
     split_method: str = _help("How the model is cut (Merak flag); only layer_split applies.", default="layer_split")
     gradient_checkpointing: bool = _help("Recompute each decoder layer in backward to save memory.", default=False)
     compile: bool = _help("torch.compile each decoder layer (fuses norms, rotary, activations, LoRA adds).",
@@ -88,7 +84,11 @@ class Config:
     adam_beta2: float = _help("AdamW beta2.", default=0.999)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Clip the global gradient norm (all stages) to this; 0 disables.", default=1.0)
-    lr_scheduler_type: str = _help("linear, cosine, constant or constant_with_warmup.", default="linear")
+    lr_scheduler_type: str = _help("transformers' schedule: linear, cosine, cosine_with_restarts, polynomial, "
+                                   "constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, "
+                                   "warmup_stable_decay, ...", default="linear")
+    lr_scheduler_kwargs: str = _help("JSON object of the schedule's own arguments, e.g. '{\"min_lr_rate\": 0.1}'.",
+                                     default="")
     warmup_steps: int = _help("Warm-up steps (overrides --warmup_ratio).", default=0)
     warmup_ratio: float = _help("Warm-up as a fraction of all steps.", default=0.0)
     num_train_epochs: float = _help("Passes over the data.", default=1.0)
@@ -106,6 +106,8 @@ class Config:
     bnb_4bit_quant_type: str = _help("nf4 or fp4.", default="nf4")
     bnb_4bit_use_double_quant: bool = _help("Quantize the 4-bit quantization constants too.", default=False)
     bnb_4bit_compute_dtype: str = _help("float32, bfloat16 or float16; default: the training dtype.", default="")
+    fp8: bool = _help("FP8 (e4m3) base linears, forward and input gradient on the FP8 units (Hopper/Ada GPUs); "
+                      "block-scaled FP8 checkpoints load as they are.", default=False)
     # --- output ------------------------------------------------------------------------------------
     output_dir: str = _help("Where checkpoints, logs and TensorBoard runs go.", default="output")
     overwrite_output_dir: bool = _help("Allow training into an output_dir that holds another run.", default=False)
@@ -115,8 +117,10 @@ class Config:
     save_total_limit: int = _help("Keep only the newest N checkpoints; 0 keeps all.", default=0)
     resume_peft_from_checkpoint: str = _help("Checkpoint folder or 'latest' to resume LoRA training from.",
                                              default="")
+    ignore_data_skip: bool = _help("On resume with other data: start it from its first sample (step count and "
+                                   "learning-rate schedule carry on) instead of refusing.", default=False)
     wall_clock_breakdown: bool = _help("Log time spent in data, pipeline, optimizer and checkpoint.", default=False)
-    report_to: str = _help("tensorboard or none.", default="tensorboard")
+    report_to: str = _help("tensorboard (or all) or none.", default="tensorboard")
     # --- runtime -----------------------------------------------------------------------------------
     device: str = _help("auto, cpu or cuda.", default="auto")
     dist_timeout: int = _help("Seconds a collective may wait before the job fails.", default=300)
@@ -130,6 +134,24 @@ class Config:
     @property
     def microbatches(self) -> int:
         return self.gradient_accumulation_steps
+
+    def scheduler_kwargs(self) -> dict:
+        if not self.lr_scheduler_kwargs:
+            return {}
+        try:
+            value = json.loads(self.lr_scheduler_kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--lr_scheduler_kwargs is not valid JSON ({e.msg})") from None
+        if not isinstance(value, dict):
+            raise ConfigError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"num_cycles\": 2}'")
+        return value
+
+    def schedule_for(self, pp: int) -> str:
+        """The schedule that runs: with fewer microbatches than pipeline ranks 1F1B has no steady state and is
+        GPipe, which torch's 1F1B refuses to run, so GPipe runs."""
+        if self.pipeline_schedule == "1f1b" and self.microbatches < pp:
+            return "gpipe"
+        return self.pipeline_schedule
 
     def chunks_per_rank(self) -> int:
         if self.pipeline_schedule in V_SCHEDULES:
@@ -154,13 +176,19 @@ NOT_APPLICABLE = {
     "shard_count": "pipeline cuts are given by --partition_method",
     "return_logits": "only meaningful for launch/gen_text.py",
     "text_generation": "only meaningful for launch/gen_text.py",
+    "input_names": "the first stage always receives the token ids (and, with --packing, their positions); each "
+                   "model builds its own attention mask",
 }
+# Passed by launchers rather than users (torch.distributed.launch's --local_rank): the rank comes from the
+# environment, so these are taken without a word.
+FROM_LAUNCHERS = {"local_rank", "local-rank"}
 RENAMED = {
     "activation_checkpointing": "gradient_checkpointing",
     "model_name_or_path": "model_path",
     "pipeline_model_parallel_size": "pp",
     "train_schedule": "pipeline_schedule",
     "lr": "learning_rate",
+    "torch_compile": "compile",
 }
 
 
@@ -205,22 +233,30 @@ def _split_argv(argv: list[str]) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def parse_args(argv: list[str], *, config_cls: type = Config, warn=print) -> Any:
+def parse_args(argv: list[str], *, config_cls: type = Config, warn=print,
+               not_applicable: dict[str, str] | None = None) -> Any:
     """Parse Merak/HF-style flags (`--fp16 false --save true`, `--flag=value`) into a config dataclass.
 
-    A JSON file given as `--config FILE` supplies defaults that later flags override.
+    A JSON file given as `--config FILE` supplies defaults that later flags override. Flags in `not_applicable`
+    (default NOT_APPLICABLE) are reported through `warn`, once each, and otherwise ignored.
     """
+    not_applicable = NOT_APPLICABLE if not_applicable is None else not_applicable
     hints = get_type_hints(config_cls)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     values: dict[str, Any] = {}
+    noted: set[str] = set()
     for name, vals in _split_argv(argv):
         if name == "config":
             values.update(_read_config_file(vals, fields))
             continue
         if name in RENAMED and RENAMED[name] in fields:
             name = RENAMED[name]
-        if name in NOT_APPLICABLE and name not in fields:
-            warn(f"note: --{name} is accepted but has no effect: {NOT_APPLICABLE[name]}")
+        if name in FROM_LAUNCHERS:
+            continue
+        if name in not_applicable and name not in fields:
+            if name not in noted:
+                warn(f"note: --{name} is accepted but has no effect: {not_applicable[name]}")
+                noted.add(name)
             continue
         if name not in fields:
             close = difflib.get_close_matches(name, list(fields), n=3)
@@ -263,6 +299,11 @@ def help_text(config_cls: type = Config) -> str:
     return "\n".join(lines)
 
 
+def lr_scheduler_names() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+    return [t.value for t in SchedulerType]
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need only the flags and the world size; model-dependent checks live in preflight."""
     def need(ok: bool, msg: str) -> None:
@@ -290,12 +331,19 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.warmup_steps >= 0, "--warmup_steps must be >= 0")
     need(cfg.dist_timeout > 0, "--dist_timeout must be a positive number of seconds")
     need(cfg.max_skipped_steps >= 0, "--max_skipped_steps must be >= 0")
-    need(cfg.lr_scheduler_type in LR_SCHEDULERS,
-         f"--lr_scheduler_type {cfg.lr_scheduler_type!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    schedulers = lr_scheduler_names()
+    need(cfg.lr_scheduler_type in schedulers,
+         f"--lr_scheduler_type {cfg.lr_scheduler_type!r} is not one of {', '.join(schedulers)}")
+    cfg.scheduler_kwargs()
     need(cfg.pipeline_schedule in SCHEDULES,
          f"--pipeline_schedule {cfg.pipeline_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    need(cfg.report_to in ("tensorboard", "none"), "--report_to is tensorboard or none")
+    need(cfg.report_to in ("tensorboard", "all", "none"),
+         f"--report_to {cfg.report_to}: merak-lora writes TensorBoard event files (and metrics.jsonl); use "
+         "--report_to tensorboard or none")
     need(not (cfg.load_in_4bit and cfg.load_in_8bit), "--load_in_4bit and --load_in_8bit are both true; choose one")
+    for bits in ("4", "8"):
+        need(not (cfg.fp8 and getattr(cfg, f"load_in_{bits}bit")),
+             f"--fp8 and --load_in_{bits}bit are both true; choose one way to quantize the base")
     need(cfg.bnb_4bit_quant_type in ("nf4", "fp4"), "--bnb_4bit_quant_type is nf4 or fp4")
     need(cfg.optim in OPTIMIZERS, f"--optim {cfg.optim!r} is not one of {', '.join(OPTIMIZERS)}")
     need(cfg.device in ("auto", "cpu", "cuda"), "--device is auto, cpu or cuda")
@@ -304,9 +352,6 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.split_method == "layer_split",
          f"--split_method {cfg.split_method!r}: merak-lora cuts the model between decoder layers only; "
          "use --split_method layer_split (Merak's graph-tracing split methods do not apply to LoRA stages)")
-    bad_inputs = [n for n in cfg.input_names if n not in INPUT_NAMES]
-    need(not bad_inputs, f"--input_names {bad_inputs} unknown; the pipeline feeds {', '.join(INPUT_NAMES)}")
-    need("input_ids" in cfg.input_names, "--input_names must include input_ids")
     if cfg.pipeline_schedule in V_SCHEDULES:
         need(cfg.stages_per_rank in (0, 2),
              f"--pipeline_schedule {cfg.pipeline_schedule} places exactly 2 stages per rank; drop --stages_per_rank")
@@ -327,10 +372,11 @@ def validate(cfg: Config, world_size: int) -> None:
     need(world_size % pp == 0,
          f"world size {world_size} is not divisible by --pp {pp}; launch a multiple of {pp} ranks or change --pp")
     stages = pp * cfg.chunks_per_rank()
-    if cfg.pipeline_schedule != "gpipe" and stages > 1:
+    if cfg.pipeline_schedule not in ("gpipe", "1f1b") and stages > 1:
         need(cfg.microbatches >= pp,
              f"--gradient_accumulation_steps {cfg.microbatches} is fewer than the {pp} pipeline ranks; "
-             f"{cfg.pipeline_schedule} needs at least {pp} microbatches per step")
+             f"{cfg.pipeline_schedule} needs at least {pp} microbatches per step: raise --gradient_accumulation_steps "
+             f"to {pp} or more (4 x {pp} keeps the pipeline busy), or use --pipeline_schedule 1f1b")
     if cfg.pipeline_schedule in ("interleaved1f1b", "interleaved_zb") and cfg.microbatches > pp:
         need(cfg.microbatches % pp == 0,
              f"--gradient_accumulation_steps {cfg.microbatches} must be a multiple of --pp {pp} "

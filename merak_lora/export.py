@@ -5,7 +5,8 @@
 
 The adapter folder is PEFT's own format (adapter_config.json + adapter_model.safetensors with PEFT's key
 names), so `PeftModel.from_pretrained(base, folder)` and vLLM's LoRA loader take it as it is. The merge walks
-the base model one safetensors shard at a time, so the whole model never sits in memory.
+the base model one safetensors shard at a time, so the whole model never sits in memory. A base shipped in
+block-scaled FP8 is merged into bf16 weights (the adapter was trained against its dequantized values).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from safetensors.torch import save_file
 
 from .checkpoint import load_adapter_tensors, read_meta, resolve
 from .config import ConfigError
-from .weights import INDEX_NAME, WeightIndex
+from .fp8 import FP8_DTYPES, dequantize_blocks
+from .weights import INDEX_NAME, SCALE_SUFFIX, WeightIndex, block_tile
 
 PEFT_PREFIX = "base_model.model."
 
@@ -39,11 +41,21 @@ def peft_config(meta: dict, base_path: str | None = None) -> LoraConfig:
 
 def export_adapter(ckpt: str, out: str) -> str:
     meta = read_meta(ckpt)
-    tensors = load_adapter_tensors(ckpt, meta)
+    return write_adapter(out, load_adapter_tensors(ckpt, meta), peft_config(meta))
+
+
+def write_adapter(out: str, tensors: dict[str, torch.Tensor], config: LoraConfig) -> str:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), each file written under a
+    temporary name and renamed into place."""
     os.makedirs(out, exist_ok=True)
-    peft_config(meta).save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    tmp = os.path.join(out, f".tmp-{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    config.save_pretrained(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+              os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)
     return out
 
 
@@ -74,22 +86,35 @@ def merge(ckpt: str, out: str, model_path: str | None = None) -> str:
             deltas[m.group(1)] = (a, adapters[f"{PEFT_PREFIX}{m.group(1)}.lora_B.weight"])
     if any(".lora_embedding_" in k for k in adapters):
         raise ConfigError("merging LoRA on embeddings is not supported here; export the adapter instead")
+    # bias "all" or "lora_only": the trained biases replace the base's (a wrapped layer's sits in base_layer)
+    biases = {k.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): t for k, t in adapters.items()
+              if k.endswith(".bias") and ".lora_" not in k}
     index = WeightIndex(base)
+    with open(os.path.join(base, "config.json"), encoding="utf-8") as fh:
+        tile = block_tile(json.load(fh).get("quantization_config"))
     os.makedirs(out, exist_ok=True)
     done: set[str] = set()
     for fname in index.files():
         tensors = {}
         with safe_open(os.path.join(base, fname), framework="pt") as fh:
             for key in fh.keys():
+                if key.endswith(SCALE_SUFFIX):
+                    continue
                 t = fh.get_tensor(key)
+                if t.dtype in FP8_DTYPES:  # an FP8 base: the merged model is written in bf16
+                    scale = index.read([key + SCALE_SUFFIX])[key + SCALE_SUFFIX]
+                    t = dequantize_blocks(t, scale, torch.bfloat16, tile)
                 module = key.removesuffix(".weight")
                 if key.endswith(".weight") and module in deltas:
                     t = _merged(t, *deltas[module], *_scaling(cfg, module), cfg.fan_in_fan_out)
                     done.add(module)
+                elif key in biases:
+                    t = biases[key].to(t.dtype)
+                    done.add(key)
                 tensors[key] = t
         save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
     untied = _merge_tied_head(base, out, index, deltas, done, cfg)
-    leftover = sorted(set(deltas) - done - untied)
+    leftover = sorted((set(deltas) | set(biases)) - done - untied)
     if leftover:
         raise ConfigError(f"adapter modules {leftover[:3]} have no weight in {base}; is this the base model the "
                           "adapter was trained on?")
@@ -97,18 +122,23 @@ def merge(ckpt: str, out: str, model_path: str | None = None) -> str:
         src = os.path.join(base, name)
         if os.path.isfile(src) and not name.endswith(".safetensors") and name != INDEX_NAME:
             shutil.copy2(src, os.path.join(out, name))
-    if os.path.isfile(os.path.join(base, INDEX_NAME)):
+    if os.path.isfile(os.path.join(base, INDEX_NAME)) and not untied:  # an untied head wrote its own index
         shutil.copy2(os.path.join(base, INDEX_NAME), os.path.join(out, INDEX_NAME))
     if untied:
-        _untie_config(out)
+        _edit_json(os.path.join(out, "config.json"), _untied)
+    if any(k.endswith(SCALE_SUFFIX) for k in index.keys()):
+        _edit_json(os.path.join(out, "config.json"), _dequantized)
+        if os.path.isfile(os.path.join(out, INDEX_NAME)):
+            _edit_json(os.path.join(out, INDEX_NAME), _without_scales)
     return out
 
 
 def _merged(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: int, scale: float, fan_in_fan_out: bool):
-    delta = (b.float() @ a.float()) * scale
+    # in float64, so the merged weight is the exactly rounded sum, whatever the base's dtype
+    delta = (b.double() @ a.double()) * scale
     if fan_in_fan_out:  # GPT-2 style Conv1D stores the weight transposed
         delta = delta.T
-    return (w.float() + delta).to(w.dtype)
+    return (w.double() + delta).to(w.dtype)
 
 
 def _merge_tied_head(base: str, out: str, index: WeightIndex, deltas: dict, done: set[str], cfg) -> set[str]:
@@ -135,13 +165,26 @@ def _merge_tied_head(base: str, out: str, index: WeightIndex, deltas: dict, done
     return heads
 
 
-def _untie_config(out: str) -> None:
-    path = os.path.join(out, "config.json")
+def _edit_json(path: str, edit) -> None:
     with open(path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    config["tie_word_embeddings"] = False
+        doc = json.load(fh)
+    edit(doc)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2)
+        json.dump(doc, fh, indent=2)
+
+
+def _untied(config: dict) -> None:
+    config["tie_word_embeddings"] = False
+
+
+def _dequantized(config: dict) -> None:
+    """The merged weights are bf16: the FP8 base's quantization_config no longer describes them."""
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+
+
+def _without_scales(index: dict) -> None:
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if not k.endswith(SCALE_SUFFIX)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ Sampling uses transformers' own logits processors, so greedy and seeded sampling
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 
@@ -24,6 +26,7 @@ from .layout import Layout, rank_of_stage
 from .stage import Stage
 
 TokenCallback = Callable[[list[int], list[bool]], None]
+INTERRUPTED = -2  # sent in place of the next tokens when Ctrl-C stops an answer
 
 
 @dataclass
@@ -147,6 +150,8 @@ class PipelineGenerator:
         self.num_stages = self.stages[0].spec.num_stages
         self.last_rank = self._global(rank_of_stage(self.num_stages - 1, layout.pp, layout.v_shape))
         self.driver = self._global(0)
+        self.interrupted = False         # the last answer was cut short by Ctrl-C
+        self._ctrl_c = False
 
     def _global(self, pp_rank: int) -> int:
         return self.layout.global_rank_of(pp_rank)
@@ -161,19 +166,30 @@ class PipelineGenerator:
     # rank 0 ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: bool = True,
                  on_token: TokenCallback | None = None) -> list[list[int]]:
-        self._broadcast(("generate", prompts, sampling, adapter), self.driver)
-        return self._run(prompts, sampling, adapter, on_token)
+        """The answers; Ctrl-C meanwhile cuts them short (`interrupted` is set) instead of raising mid-pipeline."""
+        self._ctrl_c = False
+        with _on_ctrl_c(self._note_ctrl_c):
+            self._broadcast(("generate", prompts, sampling, adapter), self.driver)
+            return self._run(prompts, sampling, adapter, on_token)
 
     def close(self) -> None:
         self._broadcast(("exit", None, None, None), self.driver)
 
     # the other ranks ----------------------------------------------------------------------------------------
     def serve(self) -> None:
-        while True:
-            cmd, prompts, sampling, adapter = self._broadcast(None, self.driver)
-            if cmd == "exit":
-                return
-            self._run(prompts, sampling, adapter, None)
+        """Answer rank 0's requests until it says exit. Ctrl-C reaches every rank; rank 0 decides what it
+        means, so here it is ignored between answers (and during one, only the last stage acts on it)."""
+        with _on_ctrl_c(signal.SIG_IGN):
+            while True:
+                cmd, prompts, sampling, adapter = self._broadcast(None, self.driver)
+                if cmd == "exit":
+                    return
+                self._ctrl_c = False
+                with _on_ctrl_c(self._note_ctrl_c):
+                    self._run(prompts, sampling, adapter, None)
+
+    def _note_ctrl_c(self, signum, frame) -> None:
+        self._ctrl_c = True
 
     # every rank --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,6 +206,7 @@ class PipelineGenerator:
         gen = torch.Generator(device=device).manual_seed(sampling.seed)
         history = ids
         step_ids = ids
+        self.interrupted = False
         with adapter_enabled([s.model for s in self.stages], adapter):
             for _ in range(sampling.max_new_tokens):
                 logits = self._forward(step_ids, mask, positions, caches)
@@ -203,8 +220,13 @@ class PipelineGenerator:
                         tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                     finished = torch.tensor(stopper.done, device=device)
                     tokens = tokens.masked_fill(finished, self.pad_id)
+                    if self._ctrl_c:  # the last stage decides, so every rank stops at the same token
+                        tokens.fill_(INTERRUPTED)
                 if self.layout.pp > 1:
                     dist.broadcast(tokens, src=self.last_rank, group=self.layout.pp_group)
+                if tokens[0].item() == INTERRUPTED:
+                    self.interrupted = True
+                    break
                 was_done = list(stopper.done)
                 for i, t in enumerate(tokens.tolist()):
                     if not was_done[i]:
@@ -243,8 +265,23 @@ class PipelineGenerator:
         return None
 
 
+@contextlib.contextmanager
+def _on_ctrl_c(handler) -> Iterator[None]:
+    """SIGINT goes to `handler` for the duration (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class LocalGenerator:
     """One process, the whole model: transformers' generate() on a PEFT model or a merged model."""
+
+    interrupted = False  # Ctrl-C here raises KeyboardInterrupt out of generate(); chat.py ends the session
 
     def __init__(self, model: torch.nn.Module, tokenizer, model_config):
         self.model = model

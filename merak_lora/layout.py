@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .coordinate import Coordinator
+
 
 @dataclass
 class Layout:
@@ -25,6 +27,7 @@ class Layout:
     device: torch.device
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    coord: Coordinator | None = field(default=None, repr=False)
 
     @property
     def dp(self) -> int:
@@ -48,6 +51,11 @@ class Layout:
 
     def global_rank_of(self, pp_rank: int, dp_rank: int | None = None) -> int:
         return (self.dp_rank if dp_rank is None else dp_rank) * self.pp + pp_rank
+
+    def holds_data(self, pp_rank: int | None = None) -> bool:
+        """Whether a rank's stages need token ids or targets: those holding the first or the last stage."""
+        ids = self.stage_ids() if pp_rank is None else stages_of_rank(pp_rank, self.pp, self.chunks, self.v_shape)
+        return 0 in ids or self.num_stages - 1 in ids
 
 
 def stages_of_rank(pp_rank: int, pp: int, chunks: int, v_shape: bool) -> list[int]:
@@ -85,19 +93,24 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "auto",
                      timeout_s: int = 300) -> Layout:
-    """Start the process group (gloo on CPU, NCCL on GPU) and build the dp x pp groups."""
+    """Start the process group (gloo on CPU, NCCL on GPU) on the job's rendezvous store, build the dp x pp groups,
+    and keep the store for start-up coordination (coordinate.py)."""
     rank, world, local_rank = env_ranks()
     device = pick_device(device_choice, local_rank)
-    if world > 1 and not dist.is_initialized():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.HashStore()
+    if world > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                                    timeout=timeout, device_id=device if device.type == "cuda" else None)
+        store = dist.PrefixStore("merak", store)
     pp = pp or world
     layout = Layout(rank=rank, world=world, local_rank=local_rank, pp=pp, chunks=chunks, v_shape=v_shape,
-                    device=device)
+                    device=device, coord=Coordinator(store, rank, world))
     if world > 1:
         # Every rank must take part in creating every group, in the same order.
         for d in range(world // pp):

@@ -85,8 +85,12 @@ def read_lora_config(path: str) -> dict:
         raise ConfigError(f"LoRA config {path}: lora_dropout must be in [0, 1)")
     if raw.get("bias", "none") not in ("none", "all", "lora_only"):
         raise ConfigError(f"LoRA config {path}: bias must be none, all or lora_only")
-    if raw.get("task_type", "CAUSAL_LM") not in ("CAUSAL_LM", None):
-        raise ConfigError(f"LoRA config {path}: task_type must be CAUSAL_LM (merak-lora trains causal LMs)")
+    task = raw.get("task_type", "CAUSAL_LM")
+    if task is not None and str(task).upper().replace(" ", "_").replace("-", "_") != "CAUSAL_LM":
+        raise ConfigError(f"LoRA config {path}: task_type must be CAUSAL_LM (merak-lora trains causal LMs), "
+                          f"got {task!r}")
+    if task is not None:
+        raw = {**raw, "task_type": "CAUSAL_LM"}  # PEFT's spelling; Merak writes "CAUSAL LM"
     init = raw.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise ConfigError(f"LoRA config {path}: init_lora_weights {init!r} is not supported here; "
@@ -104,15 +108,17 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def build_lora_config(raw: dict, model_type: str, module_names: list[str], linear_leaf_names: list[str],
                       *, source: str = "lora_config.json", param_names: list[str] = ()) -> LoraConfig:
-    """The whole-model LoraConfig: default targets by model type, every target checked against the model.
+    """The whole-model LoraConfig: default targets by model type (`models.default_targets`), every target
+    checked against the model.
 
-    module_names are the full names of the model's adaptable modules (linears, embeddings)."""
+    module_names are the full names of the model's adaptable modules (linears, embeddings); linear_leaf_names
+    the leaf names of the linears inside the decoder layers."""
     fields = {k: v for k, v in raw.items() if k in SUPPORTED_FIELDS and k not in
               ("peft_type", "auto_mapping", "peft_version", "revision")}
     fields.setdefault("task_type", "CAUSAL_LM")
     targets = fields.get("target_modules")
     if targets is None and not fields.get("target_parameters"):
-        targets = default_targets(model_type, linear_leaf_names)
+        targets = default_targets(model_type, linear_leaf_names, module_names).modules
     if isinstance(targets, list):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
         if missing:

@@ -23,14 +23,17 @@ class _RankFilter(logging.Filter):
 
 
 def setup_logging(rank: int) -> None:
-    """Rank 0 prints INFO to the console, other ranks only warnings."""
+    """Rank 0 prints INFO to the console, other ranks only errors (every rank's log file has everything: the
+    ranks run in lock-step, so their console lines would repeat rank 0's). A record logged with
+    extra={"file_only": True} was already printed once and goes to the files only."""
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
     console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     console.setFormatter(logging.Formatter("[%(asctime)s rank %(rank)d] %(message)s", "%H:%M:%S"))
     console.addFilter(_RankFilter(rank))
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     log.addHandler(console)
 
 
@@ -43,7 +46,8 @@ def add_log_file(rank: int, log_dir: str) -> None:
 
 
 class Metrics:
-    """Collects what rank 0 reports each logging step."""
+    """Collects what rank 0 reports each logging step. A train line's loss is the mean over the steps since the
+    previous line (the progress bar shows the same running mean); grad_norm is the last step's."""
 
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, tensorboard: bool,
                  progress: bool):
@@ -64,11 +68,14 @@ class Metrics:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-    def advance(self, loss: float | None = None) -> None:
+    def advance(self, loss: float | None = None, steps: int = 1) -> None:
+        """One step done; `loss` is the mean over the `steps` since the last log line, the number the next log
+        line will show, so the bar and the log agree."""
         if self.bar is not None:
             self.bar.update(1)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self.bar.set_postfix_str(f"loss {loss:.4f} (mean of the last {steps} step{'s' * (steps > 1)})",
+                                         refresh=False)
 
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -100,3 +107,17 @@ def _fmt(v: float) -> str:
     if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
         return f"{v:.0f}"
     return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}"
+
+
+# Dense bf16 matrix rates (TFLOP/s) from the vendors' data sheets, by the name torch reports
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "H20": 148.0, "A100": 312.0, "A800": 312.0,
+                    "L40S": 362.1, "GH200": 989.4, "B200": 2250.0}
+
+
+def peak_tflops(device) -> float | None:
+    """The GPU's dense bf16 rate from its name, or None (a CPU, or a GPU not in the table)."""
+    import torch
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)

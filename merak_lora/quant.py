@@ -1,5 +1,5 @@
-"""QLoRA: 4-bit (NF4/FP4) or 8-bit base weights through bitsandbytes, quantized linear by linear as a stage
-loads them, so no device ever holds the stage (let alone the model) in 16-bit."""
+"""Quantized frozen bases, linear by linear as a stage loads them, so no device ever holds the stage (let alone the
+model) in 16-bit: QLoRA's 4-bit (NF4/FP4) or 8-bit weights through bitsandbytes, or FP8 (`fp8.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import fp8
 from .config import ConfigError
 
 INSTALL = "pip install bitsandbytes (CUDA builds on Linux; bitsandbytes 0.45+ also runs 4-bit on the CPU)"
@@ -21,7 +22,15 @@ class Quantization:
     compute_dtype: torch.dtype = torch.bfloat16
 
 
-def from_flags(cfg, dtype: torch.dtype) -> Quantization | None:
+@dataclass(frozen=True)
+class Fp8:
+    """`--fp8 true`: e4m3 base linears with row scales; the products return `compute_dtype`."""
+    compute_dtype: torch.dtype = torch.bfloat16
+
+
+def from_flags(cfg, dtype: torch.dtype) -> Quantization | Fp8 | None:
+    if cfg.fp8:
+        return Fp8(dtype)
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     compute = {"": dtype, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,8 +41,16 @@ def from_flags(cfg, dtype: torch.dtype) -> Quantization | None:
                         compute[cfg.bnb_4bit_compute_dtype])
 
 
-def check_available(q: Quantization, device: torch.device) -> None:
-    """Fail before any weight is read when bitsandbytes is missing or cannot quantize on this device."""
+def check_available(q: Quantization | Fp8, device: torch.device) -> None:
+    """Fail before any weight is read when bitsandbytes is missing or cannot quantize on this device, or the
+    device has no FP8 units."""
+    if isinstance(q, Fp8):
+        why = fp8.device_supports_fp8(device)
+        if why:
+            raise ConfigError(f"--fp8 true needs an NVIDIA GPU with FP8 matrix units (Hopper or Ada, compute "
+                              f"capability 8.9 or later), but {why}; run without --fp8 (bf16), or with "
+                              "--load_in_4bit true to save memory")
+        return
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -46,9 +63,19 @@ def check_available(q: Quantization, device: torch.device) -> None:
                           f"{str(e).splitlines()[0][:200]}); {INSTALL}") from None
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, q: Quantization,
+def takes(q: Quantization | Fp8, shape: tuple[int, ...]) -> bool:
+    """Whether a linear of this weight shape is quantized (FP8 products want dimensions in multiples of 16)."""
+    return fp8.fits(shape) if isinstance(q, Fp8) else True
+
+
+def quantized_linear(weight: torch.Tensor | fp8.BlockScaled, bias: torch.Tensor | None, q: Quantization | Fp8,
                      device: torch.device) -> nn.Module:
-    """A bitsandbytes linear holding `weight` (any float dtype, on the CPU), quantized as it moves to `device`."""
+    """A quantized linear holding `weight` (any float dtype or a block-scaled FP8 tensor, on the CPU),
+    quantized on `device`."""
+    if isinstance(q, Fp8):
+        return fp8.Fp8Linear.from_weight(weight, bias, device, q.compute_dtype)
+    if isinstance(weight, fp8.BlockScaled):
+        weight = weight.dequantized(q.compute_dtype)
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape

@@ -161,10 +161,13 @@ class Pipeline:
             self._schedules.popitem(last=False)
         return sched
 
-    def _on_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _on_device(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """What of the batch this rank's stages use, on its device (a middle stage gets only packed positions)."""
         dev = self.layout.device
         kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(dev)}
-        return batch.input_ids.to(dev), batch.targets.to(dev), kwargs
+        ids = batch.input_ids.to(dev) if self.holds_first else None
+        targets = batch.targets.to(dev) if self.holds_last else None
+        return ids, targets, kwargs
 
     def step(self, batch: Batch) -> torch.Tensor | None:
         """Forward and backward of every microbatch; the summed (scaled) loss where the last stage lives."""
@@ -172,8 +175,8 @@ class Pipeline:
         if self.layout.pp == 1:
             with self._head_in_loss():
                 return self._local_step(ids, targets, kwargs, backward=True)
-        mbs = ids.shape[0] // self.microbatches
-        sched = self._schedule(mbs, ids.shape[1])
+        rows, width = batch.shape
+        sched = self._schedule(rows // self.microbatches, width)
         args = (ids,) if self.holds_first else ()
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         with self._head_in_loss():
@@ -187,7 +190,8 @@ class Pipeline:
         if self.layout.pp == 1:
             with self._head_in_loss():
                 return self._local_step(ids, targets, kwargs, backward=False)
-        sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1])
+        rows, width = batch.shape
+        sched = self._schedule(rows // self.microbatches, width)
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         with self._head_in_loss():
             sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import ConfigError
 from .lora import apply_lora
 from .models import ModelParts, find_parts
-from .quant import Quantization, quantized_linear
+from .fp8 import BlockScaled
+from .quant import Fp8, Quantization, quantized_linear, takes
 from .partition import layer_ranges, split_layers
 from .weights import KeyMap, RandomWeights, WeightIndex
 
@@ -56,33 +57,44 @@ class StageOutput(Exception):
 
 
 class PassThrough(nn.Module):
-    """A decoder layer held by another stage: hands its input on (its output is replaced anyway)."""
+    """A decoder layer held by another stage: hands its input on (its output is replaced anyway), shaped as
+    the real layer's output, since the model's loop may index into it (`layer_outputs[0]`). It keeps the real
+    layer's plain attributes, which some loops read (`layer.block_type`, `layer.attention_type`)."""
 
-    def __init__(self, index: int, tuple_output: bool):
+    def __init__(self, layer: nn.Module, returns: int):
         super().__init__()
-        self.index = index
-        self.tuple_output = tuple_output
+        for key, value in vars(layer).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, (str, int, float, bool)):
+                setattr(self, key, value)
+        self.returns = returns  # 0: a tensor, k: a tuple of k with the hidden state first
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs.get("hidden_states")
-        # Remote-code layers usually return (hidden, attn, cache) and the model indexes into it.
-        return (hidden, None, None) if self.tuple_output else hidden
+        return (hidden, *[None] * (self.returns - 1)) if self.returns else hidden
 
 
 class Absent(nn.Module):
-    """A weight-holding module held by another stage. Returns zeros of the right shape (a broadcast view,
-    no memory) for embeddings and linears, and its input for norms, so surrounding code still runs."""
+    """A weight-holding module held by another stage. Returns zeros of the right shape for embeddings and
+    linears, and its input for norms, so surrounding code still runs."""
 
     def __init__(self, name: str, out_features: int | None, lookup: bool):
         super().__init__()
         self.name, self.out_features, self.lookup = name, out_features, lookup
+        # for callers that pass no ids (position embeddings called with sizes, None or hidden states): a zero
+        # that adds to anything, on the stage's device (materialize moves buffers there)
+        self.register_buffer("zero", torch.zeros(()), persistent=False)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return self.zero
         if self.out_features is None:
             return x
+        if self.lookup and x.is_floating_point():
+            return self.zero  # position embeddings handed (a slice of) the hidden states to size themselves
         shape = (*x.shape, self.out_features) if self.lookup else (*x.shape[:-1], self.out_features)
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        return torch.zeros((), dtype=dtype, device=x.device).expand(shape)
+        # real zeros, not a broadcast view: some families add to it in place (RoCBert); it is one activation
+        return torch.zeros(shape, dtype=dtype, device=x.device)
 
     def extra_repr(self) -> str:
         return f"{self.name} (held by another stage)"
@@ -145,6 +157,8 @@ def plan_stages(lm: nn.Module, parts: ModelParts, num_stages: int, method: str) 
     proportion to its size (one matmul, forward and backward), so the head counts like that many layer
     parameters, while input embeddings are a lookup and count nothing. After the layers everything is a matmul,
     an embedding there included (OpenELM's head is its input embedding)."""
+    if num_stages > 1 and parts.unsplittable:
+        raise ConfigError(parts.unsplittable)
     layers = lm.get_submodule(parts.layers)
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     pre = sum(p.numel() for n in parts.pre if not isinstance(mod := lm.get_submodule(n), nn.Embedding)
@@ -175,11 +189,17 @@ class Stage(nn.Module):
         self.emit_hidden = False
         self._running = False
         self._received: torch.Tensor | None = None
+        # Hooks on every layer from the stage's first one on, since a model's loop may skip a layer (Mllama's
+        # cross-attention layers without an image): the received hidden state goes into the first layer called
+        # from `start` on, and the stage ends as the first layer after its own is called, with that layer's
+        # input (the loop's own hand-over between layers).
         layers = self.layers()
         if not spec.is_first:
-            layers[spec.start].register_forward_pre_hook(self._inject, with_kwargs=True)
+            for layer in layers[spec.start:]:
+                layer.register_forward_pre_hook(self._inject, with_kwargs=True)
         if not spec.is_last:
-            layers[spec.stop - 1].register_forward_hook(self._stop)
+            for layer in layers[spec.stop:]:
+                layer.register_forward_pre_hook(self._stop, with_kwargs=True)
         self.loss_head = self._frozen_plain_head() if spec.is_last else None
         if self.loss_head is not None:
             self.loss_head.register_forward_pre_hook(self._stop_before_head)
@@ -202,15 +222,16 @@ class Stage(nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _inject(self, module: nn.Module, args: tuple, kwargs: dict):
-        if not self._running:
+        if not self._running or self._received is None:
             return None
+        received, self._received = self._received, None  # once per forward
         if args:
-            return (self._received, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self._received}
+            return (received, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": received}
 
-    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _stop(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._running:
-            raise StageOutput(output[0] if isinstance(output, (tuple, list)) else output)
+            raise StageOutput(args[0] if args else kwargs["hidden_states"])
 
     def _stop_before_head(self, module: nn.Module, args: tuple) -> None:
         if self._running and self.emit_hidden:
@@ -220,13 +241,18 @@ class Stage(nn.Module):
         """kwargs go to the model's forward: position_ids when packed; attention_mask, past_key_values and
         use_cache when generating."""
         kwargs.setdefault("use_cache", False)
+        # The transformers model itself (PEFT's LoRA layers sit inside it): PEFT's wrapper refuses inputs_embeds
+        # for some families (MPT), and adds nothing else for LoRA.
+        lm = self.base_lm()
         self._running = True
         try:
             if self.spec.is_first:
-                out = self.model(input_ids=x, **kwargs)
+                out = lm(input_ids=x, **kwargs)
             else:
+                # The model's code before the first layer only sizes masks from inputs_embeds (its result is
+                # replaced at the first owned layer) and may change it in place (CTRL scales it): zeros, not x.
                 self._received = x
-                out = self.model(inputs_embeds=x, **kwargs)
+                out = lm(inputs_embeds=torch.zeros_like(x), **kwargs)
             logits = out.logits if hasattr(out, "logits") else out[0]
             return logits.float()  # the loss works in fp32, as transformers' own loss does
         except StageOutput as done:
@@ -252,12 +278,16 @@ def _source_name(name: str, keys: KeyMap, aliases: list[str]) -> str | None:
 def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
     """Replace what this stage does not own by pass-throughs and stand-ins."""
     layers = lm.get_submodule(parts.layers)
-    tuple_output = not type(layers[0]).__module__.startswith("transformers.")
     for i in range(len(layers)):
         if not spec.start <= i < spec.stop:
-            layers[i] = PassThrough(i, tuple_output)
+            layers[i] = PassThrough(layers[i], parts.layer_returns)
     kept = set(parts.pre if spec.is_first else ()) | set(parts.post if spec.is_last else ())
-    for name in [n for n in (*parts.pre, *parts.post) if n not in kept]:
+    replaced: list[str] = []
+    for name in sorted((set(parts.pre) | set(parts.post)) - kept, key=lambda n: n.count(".")):  # parents first
+        if (any(name.startswith(r + ".") for r in replaced) or any(k.startswith(name + ".") for k in kept)
+                or parts.layers.startswith(name + ".")):
+            continue  # inside a stand-in already, or holding the layers or a module this stage keeps
+        replaced.append(name)
         mod = lm.get_submodule(name)
         if isinstance(mod, nn.Embedding):
             stub = Absent(name, mod.embedding_dim, lookup=True)
@@ -272,11 +302,11 @@ def prune(lm: nn.Module, parts: ModelParts, spec: StageSpec) -> None:
 
 
 def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.device, dtype: torch.dtype,
-                aliases: dict[str, list[str]], tie: bool = True, quant: Quantization | None = None,
+                aliases: dict[str, list[str]], tie: bool = True, quant: Quantization | Fp8 | None = None,
                 layers: str = "") -> None:
     """Read this stage's parameters from the checkpoint onto `device`, one decoder layer at a time (host memory
     stays at one layer's worth); move buffers there too. With `quant`, the linears inside the layers become
-    bitsandbytes layers as they are read. `aliases` (taken before pruning) lets a tied head find the embedding
+    bitsandbytes or FP8 layers as they are read; FP8 checkpoint tensors are dequantized where they are not. `aliases` (taken before pruning) lets a tied head find the embedding
     tensor it shares."""
     keep_fp32 = set(getattr(lm, "_keep_in_fp32_modules", None) or [])
     groups: dict[str, list[tuple[str, nn.Module, str, str, str]]] = {}
@@ -307,7 +337,8 @@ def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.devic
             if tuple(t.shape) != tuple(meta.shape):
                 raise ConfigError(f"{keys.index.folder}: tensor {source} has shape {tuple(t.shape)} but the config "
                                   f"expects {tuple(meta.shape)}; config.json and the weights disagree")
-            if quant is not None and group and isinstance(mod, nn.Linear) and attr == "weight":
+            if (quant is not None and group and isinstance(mod, nn.Linear) and attr == "weight"
+                    and takes(quant, tuple(meta.shape))):
                 bias = tensors[_source_name(f"{mod_name}.bias", keys, [])] if mod.bias is not None else None
                 parent, _, leaf = mod_name.rpartition(".")
                 setattr(lm.get_submodule(parent), leaf, quantized_linear(t, bias, quant, device))
@@ -316,6 +347,8 @@ def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.devic
             share = (id(meta), source) if tie else (id(mod), attr)
             if share not in made:
                 target = torch.float32 if any(k in full for k in keep_fp32) else dtype
+                if isinstance(t, BlockScaled):  # an FP8 checkpoint trained without --fp8
+                    t = t.dequantized(target, device)
                 t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
                 made[share] = nn.Parameter(t, requires_grad=False)
             mod._parameters[attr] = made[share]
@@ -328,7 +361,7 @@ def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.devic
 
 def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: torch.device, dtype: torch.dtype,
                 lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | None = None,
+                gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | Fp8 | None = None,
                 compile: bool = False) -> Stage:
     """Everything one stage needs, touching only its own weights."""
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)

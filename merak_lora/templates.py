@@ -92,14 +92,54 @@ class Formatter:
                               "tokenizer's own chat template)")
         has_own = bool(getattr(tokenizer, "chat_template", None))
         self.name = template if template in NAMED else ("tokenizer" if has_own else "plain")
+        self._direct = _direct_renderer(tokenizer) if self.name == "tokenizer" else None
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        if self.name == "tokenizer":
-            try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt)
-            except Exception as e:  # jinja raises its own exception types for template errors
-                raise ConfigError(f"the tokenizer's chat template cannot format this conversation ({e}); "
-                                  f"pass --template with one of {', '.join(NAMED)}") from None
-        tok = self.tokenizer
-        return NAMED[self.name](messages, add_generation_prompt, tok.bos_token or "", tok.eos_token or "")
+        if self.name != "tokenizer":
+            tok = self.tokenizer
+            return NAMED[self.name](messages, add_generation_prompt, tok.bos_token or "", tok.eos_token or "")
+        try:
+            if self._direct is not None:
+                text = self._direct(messages, add_generation_prompt)
+                if self._direct.checked:
+                    return text
+                self._direct.checked = True
+                if text == self._apply(messages, add_generation_prompt):
+                    return text
+                self._direct = None
+            return self._apply(messages, add_generation_prompt)
+        except Exception as e:  # jinja raises its own exception types for template errors
+            raise ConfigError(f"the tokenizer's chat template cannot format this conversation ({e}); "
+                              f"pass --template with one of {', '.join(NAMED)}") from None
+
+    def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+class _DirectRender:
+    """The tokenizer's compiled chat template called without `apply_chat_template`'s per-call set-up (argument
+    checks, a fresh Jinja context holding copies of the globals): 3-4x faster, which matters at millions of
+    records. The Formatter compares its first result with `apply_chat_template` and falls back if they differ."""
+
+    def __init__(self, template, tokenizer):
+        self.template = template
+        self.fixed = {**template.globals, **tokenizer.special_tokens_map, "tools": None, "documents": None}
+        self.checked = False
+
+    def __call__(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        from jinja2.utils import concat
+        ctx = self.template.new_context({**self.fixed, "messages": messages,
+                                         "add_generation_prompt": add_generation_prompt}, shared=True)
+        return concat(self.template.root_render_func(ctx))
+
+
+def _direct_renderer(tokenizer) -> _DirectRender | None:
+    template = tokenizer.chat_template
+    if not isinstance(template, str):  # a dict of named templates: leave the choice to transformers
+        return None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        return _DirectRender(_compile_jinja_template(template), tokenizer)
+    except Exception:  # noqa: BLE001 - an older transformers or jinja: the plain path still works
+        return None

@@ -2,14 +2,19 @@
 
 Every rank runs the same loop in lock-step. The few numbers all ranks must agree on (loss, gradient norm,
 a stop request) travel in one small all-reduce per step, so a NaN seen on one stage skips the step on all.
+
+Stopping: a preemption signal (SIGUSR1/SIGUSR2/SIGTERM) or a first Ctrl-C (SIGINT) lets every rank finish the
+step, save a checkpoint and leave the loop; a second Ctrl-C ends the process at once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -18,17 +23,19 @@ import torch.distributed as dist
 
 from .checkpoint import TrainState, save_checkpoint
 from .config import Config
-from .data import Batches
+from .feed import StepFeed
 from .layout import Layout
 from .metrics import Metrics
-from .optim import LossScale, lr_lambda, warmup_steps
+from .optim import LossScale
+from .progress import LearningRate, RunLength
 from .schedule import Pipeline
 
 log = logging.getLogger("merak_lora")
 
 
-# Slurm's --signal=USR1@T (sbatch), submitit's USR2, and the SIGTERM of scancel or of torchrun passing one on.
+# Slurm's --signal=USR1@T (sbatch), submitit's USR2, and the SIGTERM of scancel or of a launcher passing one on.
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_INTERRUPT, STOP_PREEMPT = 1.0, 2.0   # what a stop request means (the larger wins across ranks)
 
 
 class TrainingStopped(RuntimeError):
@@ -41,40 +48,47 @@ class StepResult:
     grad_norm: float
     skipped: bool
     tokens: int
-    stop_requested: bool
+    stop: float                       # 0, STOP_INTERRUPT or STOP_PREEMPT, agreed by every rank
+    lr: float
     times: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, batches: Batches,
+    def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, feed: StepFeed,
                  optimizer: torch.optim.Optimizer, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-                 total_steps: int, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics,
-                 eval_batches: Batches | None = None):
-        self.cfg, self.layout, self.pipeline, self.batches = cfg, layout, pipeline, batches
-        self.eval_batches = eval_batches
+                 run: RunLength, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics,
+                 epoch_samples: int):
+        self.cfg, self.layout, self.pipeline, self.feed = cfg, layout, pipeline, feed
         self.eval_every = cfg.eval_steps or cfg.save_steps
         self.optimizer = optimizer
         self.stage_params = stage_params
         self.params = [p for ps in stage_params.values() for p in ps.values()]
-        self.total_steps = total_steps
+        self.run = run
+        self.global_batch = cfg.per_device_train_batch_size * cfg.microbatches * layout.dp
+        self.total_steps = state.global_step + run.steps_left(state.consumed_samples, self.global_batch)
+        self.epoch_samples = epoch_samples
         self.state = state
         self.meta, self.lora_saved, self.metrics = meta, lora_saved, metrics
-        self.lr_at = lr_lambda(cfg.lr_scheduler_type, warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
-                               total_steps)
+        self.lr = LearningRate(cfg, run)
         self.scale = LossScale(cfg.fp16)
         if state.scaler:
             self.scale.load_state_dict(state.scaler)
-        self._stop_signal = False
-        self.stopped_by_signal = False
+        self._stop_signal = 0.0
+        self.stopped_by = 0.0            # the stop request the loop ended on (0: it ran to the end)
         self.last_saved = -1
+        self.tokens_seen = 0
+        self.seconds = 0.0
+        self.best_eval: tuple[float, int] | None = None   # (loss, step)
 
     # --- one optimizer step ------------------------------------------------------------------------------
     def step(self) -> StepResult:
         cfg, layout = self.cfg, self.layout
         times: dict[str, float] = {}
         t = self._tick()
-        batch = self.batches.batch(self.state.consumed_samples, layout.dp_rank)
-        self.pipeline.loss_fn.normalizer = max(1, self._dp_sum(batch.targets_count))
+        consumed, run = self.state.consumed_samples, self.run
+        batch = self.feed.batch(consumed - run.data_offset, run.total_samples - run.data_offset)
+        if self.pipeline.holds_last:
+            self.pipeline.loss_fn.normalizer = max(1, self._dp_sum(batch.targets_count))
         self.pipeline.loss_fn.scale = self.scale.scale
         times["data"], t = self._tock(t)
 
@@ -88,14 +102,17 @@ class Trainer:
             loss if loss is not None else torch.zeros((), device=layout.device),
             local_sq / layout.dp,   # every dp replica now holds the same gradients
             torch.tensor(float(batch.tokens if layout.pp_rank == 0 else 0), device=layout.device),
-            torch.tensor(float(self._stop_signal), device=layout.device),
+            torch.tensor(float(self._stop_signal == STOP_INTERRUPT), device=layout.device),
+            torch.tensor(float(self._stop_signal == STOP_PREEMPT), device=layout.device),
         ]).float()
         if dist.is_initialized():
             dist.all_reduce(shared)
+        stop = STOP_PREEMPT if shared[4].item() > 0 else STOP_INTERRUPT if shared[3].item() > 0 else 0.0
         scale = self.scale.scale
         loss_val = shared[0].item() / scale
         grad_norm = math.sqrt(max(shared[1].item(), 0.0)) / scale if math.isfinite(shared[1].item()) else math.inf
         finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+        lr = self.lr.at(consumed)
 
         if finite:
             clip = cfg.max_grad_norm / (grad_norm + 1e-6) if cfg.max_grad_norm > 0 else 1.0
@@ -104,7 +121,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(factor)
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * self.lr_at(self.state.global_step)
+                group["lr"] = lr
             self.optimizer.step()
             self.state.skipped_steps = 0
         else:
@@ -114,9 +131,9 @@ class Trainer:
         times["optimizer"], t = self._tock(t)
 
         self.state.global_step += 1
-        self.state.consumed_samples += self.batches.global_batch
+        self.state.consumed_samples = min(consumed + self.global_batch, run.total_samples)
         self.state.scaler = self.scale.state_dict()
-        return StepResult(loss_val, grad_norm, not finite, int(shared[2].item()), shared[3].item() > 0, times)
+        return StepResult(loss_val, grad_norm, not finite, int(shared[2].item()), stop, lr, times)
 
     def _all_reduce_grads(self) -> None:
         """Average LoRA gradients across data-parallel replicas (summed: the loss is already a global mean)."""
@@ -150,16 +167,19 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         """Run to the last step, or until a preemption signal: then finish the step, save, and return with
-        `self.stopped_by_signal` set."""
+        `self.stopped_by` set."""
         cfg = self.cfg
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPTION_SIGNALS} if _main_thread() else {}
+        handled = (*PREEMPTION_SIGNALS, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled} if _main_thread() else {}
         window: list[StepResult] = []
-        window_start = time.perf_counter()
+        window_start = started = time.perf_counter()
         try:
             while self.state.global_step < self.total_steps:
                 result = self.step()
                 window.append(result)
-                self.metrics.advance(None if result.skipped else result.loss)
+                self.tokens_seen += result.tokens
+                good = [r.loss for r in window if not r.skipped]
+                self.metrics.advance(sum(good) / len(good) if good else None, len(window))
                 step = self.state.global_step
                 if result.skipped:
                     log.warning(f"step {step}: non-finite loss or gradient (loss {result.loss}, grad norm "
@@ -175,18 +195,21 @@ class Trainer:
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
                     self._log(step, window, time.perf_counter() - window_start)
                     window, window_start = [], time.perf_counter()
-                if self.eval_batches is not None and (step % self.eval_every == 0 or step == self.total_steps):
-                    self.metrics.log(step, {"loss": self.evaluate()}, prefix="eval")
-                if cfg.save and (step % cfg.save_steps == 0 or step == self.total_steps or result.stop_requested):
+                if self.feed.eval_steps and (step % self.eval_every == 0 or step == self.total_steps):
+                    loss = self.evaluate()
+                    self.metrics.log(step, {"loss": loss}, prefix="eval")
+                    if self.best_eval is None or loss < self.best_eval[0]:
+                        self.best_eval = (loss, step)
+                if cfg.save and (step % cfg.save_steps == 0 or step == self.total_steps or result.stop):
                     t = time.perf_counter()
                     self._save(step)
                     if cfg.wall_clock_breakdown:
-                        log.info(f"step {step}: checkpoint took {time.perf_counter() - t:.2f}s")
-                if result.stop_requested:
-                    self.stopped_by_signal = True
-                    log.warning(f"stop requested by a signal: checkpoint-{step} saved, leaving the loop")
+                        self.metrics.log(step, {"checkpoint_s": time.perf_counter() - t}, prefix="time")
+                if result.stop:
+                    self.stopped_by = result.stop
                     break
         finally:
+            self.seconds = time.perf_counter() - started
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.state
@@ -201,7 +224,7 @@ class Trainer:
         for stage in self.pipeline.stages:
             stage.eval()
         try:
-            for batch in self.eval_batches.sequential(layout.dp_rank):
+            for batch in self.feed.eval_batches():
                 out = self.pipeline.evaluate(batch)
                 if out is not None:
                     total += out.float()
@@ -215,17 +238,21 @@ class Trainer:
         return both[0].item() / max(both[1].item(), 1.0)
 
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = True
+        if signum == signal.SIGINT and self._stop_signal:
+            sys.stderr.write("\nsecond Ctrl-C: stopping now, without saving\n")
+            sys.stderr.flush()
+            os._exit(130)
+        self._stop_signal = max(self._stop_signal, STOP_INTERRUPT if signum == signal.SIGINT else STOP_PREEMPT)
 
     def _log(self, step: int, window: list[StepResult], seconds: float) -> None:
         good = [r for r in window if not r.skipped]
         values = {
             "loss": sum(r.loss for r in good) / len(good) if good else math.nan,
-            "lr": self.cfg.learning_rate * self.lr_at(step - 1),
+            "lr": window[-1].lr,
             "grad_norm": good[-1].grad_norm if good else math.nan,
             "tokens_per_s": sum(r.tokens for r in window) / max(seconds, 1e-9),
             "peak_mem_gib": self._peak_memory_gib(),
-            "epoch": self.batches.epoch_of(self.state.consumed_samples),
+            "epoch": (self.state.consumed_samples - self.run.data_offset) / self.epoch_samples,
             "skipped_steps": sum(r.skipped for r in window),
         }
         if self.scale.enabled:

@@ -14,9 +14,11 @@ import torch
 from safetensors import safe_open
 
 from .config import ConfigError
+from .fp8 import BLOCK, FP8_DTYPES, BlockScaled, tiles_fit
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # an FP8 tensor's block scales, as the FP8 releases name them
 
 
 @dataclass
@@ -110,6 +112,7 @@ class KeyMap:
         self.index = index
         self.sources: dict[str, list[tuple[str, str | None]]] = {}
         self.converters: dict[str, object] = {}
+        self.tile = block_tile(getattr(lm.config, "quantization_config", None))
         renamings, converters = _conversion_rules(lm)
         meta = lm.state_dict(keep_vars=True)
         prefix = getattr(lm, "base_model_prefix", None)
@@ -127,11 +130,19 @@ class KeyMap:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters' tensors (read on the CPU, converted where the checkpoint stores them split)."""
         keys = sorted({k for n in names for k, _ in self.sources[n]})
+        keys += [k + SCALE_SUFFIX for k in keys if k + SCALE_SUFFIX in self.index]
         raw = self.index.read(keys, device="cpu")
         out = {}
         for name in names:
             srcs = self.sources[name]
             conv = self.converters.get(name)
+            if any(raw[k].dtype in FP8_DTYPES for k, _ in srcs):
+                if conv is not None:
+                    raise ConfigError(f"{self.index.folder}: {name} is stored in FP8 and split in the checkpoint "
+                                      "(fused experts); such checkpoints are not read here yet: dequantize the "
+                                      "model to bf16 once and point --model_path at that copy")
+                out[name] = self._block_scaled(srcs[0][0], raw)
+                continue
             if conv is None:
                 out[name] = raw[srcs[0][0]]
                 continue
@@ -145,6 +156,26 @@ class KeyMap:
             (tensor,) = grouped.values()
             out[name] = tensor
         return out
+
+
+    def _block_scaled(self, key: str, raw: dict[str, torch.Tensor]) -> BlockScaled:
+        if key + SCALE_SUFFIX not in raw:
+            raise ConfigError(f"{self.index.folder}: tensor {key} is stored in FP8 without a {key}{SCALE_SUFFIX} "
+                              "beside it; only block-scaled FP8 checkpoints (the DeepSeek-V3 / Qwen3-FP8 layout) "
+                              "are read: dequantize the model to bf16 once and point --model_path at that copy")
+        weight, scale = raw[key], raw[key + SCALE_SUFFIX]
+        if not tiles_fit(tuple(weight.shape), tuple(scale.shape), self.tile):
+            raise ConfigError(f"{self.index.folder}: {key}{SCALE_SUFFIX} has shape {tuple(scale.shape)}, not one "
+                              f"scale per {self.tile[0]}x{self.tile[1]} tile of a {tuple(weight.shape)} weight; "
+                              "check quantization_config.weight_block_size in config.json")
+        return BlockScaled(weight, scale, self.tile)
+
+
+def block_tile(quantization_config) -> tuple[int, int]:
+    """The tile of a block-scaled FP8 checkpoint, from config.json's quantization_config (128x128 if unsaid)."""
+    quant = quantization_config or {}
+    tile = (quant if isinstance(quant, dict) else vars(quant)).get("weight_block_size") or (BLOCK, BLOCK)
+    return int(tile[0]), int(tile[1])
 
 
 def _conversion_rules(lm) -> tuple[list, list]:

@@ -1,9 +1,12 @@
 # Shared by run.sh and gen.sh (sourced, not run): start a Python entrypoint on every rank, whatever shape the
 # Slurm step has, or as a one-node job outside Slurm.
 #
-#   one task per node (srun -N 8 -n 8):    torchrun --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID ...
+#   one task per node (srun -N 8 -n 8):    python -m merak_lora.launch --nnodes $SLURM_NNODES --node_rank ...
 #   one task per GPU  (srun -N 8 -n 32):   the entrypoint itself, RANK/WORLD_SIZE/LOCAL_RANK from Slurm
-#   no Slurm:                              torchrun --standalone on this machine
+#   no Slurm:                              python -m merak_lora.launch on this machine
+#
+# merak_lora.launch is torchrun's static mode with the project's exit codes (2 bad input, 75 stopped after
+# saving) and signal handling (docs/design.md, "Launching").
 #
 # Every user value is passed as its own quoted word: paths with spaces, quotes or $ are never re-parsed.
 
@@ -44,8 +47,7 @@ merak_launch() {
   nproc=${NPROC_PER_NODE:-$gpus}
   [[ "$nproc" -gt 0 ]] || nproc=${CPU_RANKS_PER_NODE:-2}   # no GPU: gloo ranks on the CPU
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  # torchrun passes these on to the ranks (instead of dying on USR1), so a preemption signal reaches training
-  export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
+  export PYTHONPATH="$(merak_root)${PYTHONPATH:+:$PYTHONPATH}"   # the launcher runs from a clone, no install
   if [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_NTASKS:-}" && -n "${SLURM_PROCID:-}" ]]; then
     export MASTER_ADDR=${MASTER_ADDR:-$(merak_master_addr)}
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # two jobs on one node don't collide
@@ -56,9 +58,9 @@ merak_launch() {
       export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=${SLURM_LOCALID:-0}
       exec "$py" -u "$entry" "$@"
     fi
-    # one task per node: torchrun starts this node's ranks
-    exec "$py" -u -m torch.distributed.run --nnodes "$nnodes" --node_rank "${SLURM_NODEID:-0}" \
+    # one task per node: the launcher starts this node's ranks
+    exec "$py" -u -m merak_lora.launch --nnodes "$nnodes" --node_rank "${SLURM_NODEID:-0}" \
       --nproc_per_node "$nproc" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$entry" "$@"
   fi
-  exec "$py" -u -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$entry" "$@"
+  exec "$py" -u -m merak_lora.launch --nproc_per_node "$nproc" "$entry" "$@"
 }

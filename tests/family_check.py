@@ -8,8 +8,34 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SAMPLE
+from dist_helper import run_ranks
+from reference import rel
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "task_type": "CAUSAL_LM", "init_lora_weights": False}
+
+
+def check(model_dir: str, lora: dict, trust: bool = False, stages: tuple[int, ...] = (2, 3),
+          idle: tuple[str, ...] = (), generation: bool = True) -> None:
+    """At each stage count the loss and every LoRA gradient equal one-process PEFT's within 1e-5 relative, and
+    at the first one (unless `generation` is off) greedy tokens equal transformers' generate(). idle: module
+    names whose adapters get no gradient from this input in PEFT either (Doge's dt_proj without an attention
+    mask); every other one must."""
+    b = batch(model_dir)
+    ref_loss, ref_grads, ref_tokens = reference(model_dir, lora, b, 4, trust, generation)
+    moving = [g for k, g in ref_grads.items() if not any(f".{name}.lora_" in k for name in idle)]
+    assert moving and all(g.abs().sum() > 0 for g in moving)
+    for pp in stages:
+        generating = generation and pp == stages[0]
+        results = run_ranks(pipeline_run, pp, model_dir, pp, lora, b, generating, trust)
+        loss = next(r[0] for r in results if r[0] is not None)
+        grads = {k: v for r in results for k, v in r[1].items()}
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"pp={pp}: loss {loss} vs {ref_loss}"
+        assert grads.keys() == ref_grads.keys(), f"pp={pp}: LoRA tensors differ"
+        worst = max(rel(grads[k], ref_grads[k]) for k in ref_grads)
+        assert worst < 1e-5, f"pp={pp}: a LoRA gradient differs by {worst:.2e}"
+        assert len({r[3][0] for r in results}) == 1 and len(results[0][3]) == pp
+        if generating:
+            assert results[0][2] == ref_tokens, "greedy tokens differ from transformers' generate()"
 
 
 def batch(model_dir: str, rows: int = 4, seq: int = 48):
@@ -66,16 +92,27 @@ def pipeline_run(model_dir: str, pp: int, lora: dict, b, with_generation: bool, 
             gen.close()
         else:
             gen.serve()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # one stage runs without a process group
+        torch.distributed.destroy_process_group()
     return (None if loss is None else loss.item()), grads, tokens, [(s.start, s.stop) for s in plan.specs]
 
 
-def reference(model_dir: str, lora: dict, b, microbatches: int, trust: bool = False):
-    """One process: transformers + PEFT on the whole model, same adapter start, same microbatches."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def reference(model_dir: str, lora: dict, b, microbatches: int, trust: bool = False, generation: bool = True):
+    """One process: transformers + PEFT on the whole model, same adapter start, same microbatches, on one
+    thread as the ranks run (more threads sum matmuls in another order; post-norm encoders with this test's
+    wide random weights turn that into gradients 2e-5 apart). Greedy tokens only with `generation`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference(model_dir, lora, b, microbatches, trust, generation)
+    finally:
+        torch.set_num_threads(threads)
 
-    from merak_lora.generate import left_pad
+
+def _reference(model_dir: str, lora: dict, b, microbatches: int, trust: bool, generation: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     from merak_lora.lora import adapter_params, build_lora_config, init_adapter
     from merak_lora.models import find_parts, linear_names
 
@@ -92,12 +129,21 @@ def reference(model_dir: str, lora: dict, b, microbatches: int, trust: bool = Fa
     model.train()
     total = 0.0
     for ids, tgt in zip(b.input_ids.chunk(microbatches), b.targets.chunk(microbatches)):
-        logits = model(input_ids=ids).logits.float()
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # as training runs, no cache
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
                                reduction="sum") / b.targets_count
         loss.backward()
         total += loss.item()
-    grads = {n: p.grad.detach().clone() for n, p in adapter_params(model).items()}
+    # adapters on modules this input never reaches (a vision tower's q_proj) get no gradient, here or staged
+    grads = {n: p.grad.detach().clone() for n, p in adapter_params(model).items() if p.grad is not None}
+    return total, grads, _greedy(model, model_dir) if generation else None
+
+
+def _greedy(model, model_dir: str) -> list[list[int]]:
+    """transformers' generate() on the prompts, up to and including EOS."""
+    from transformers import AutoTokenizer
+
+    from merak_lora.generate import left_pad
     model.eval()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     ids, mask = left_pad(prompts(model_dir), tok.pad_token_id, "cpu")
@@ -107,7 +153,7 @@ def reference(model_dir: str, lora: dict, b, microbatches: int, trust: bool = Fa
     tokens = []
     for row in out[:, ids.shape[1]:].tolist():
         tokens.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
-    return total, grads, tokens
+    return tokens
 
 
 def make_custom(kind: str, out: str) -> str:

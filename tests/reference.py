@@ -14,7 +14,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from merak_lora.config import Config
-from merak_lora.data import IGNORE, Batches, DataSpec, prepare
+import numpy as np
+
+from merak_lora.data import IGNORE, Batches, DataSpec, SampleSet, tokenize_records
 from merak_lora.lora import adapter_params, init_adapter
 
 
@@ -25,12 +27,12 @@ def reference_model(cfg: Config, lora: dict):
     return peft_model
 
 
-def reference_batches(cfg: Config, dp: int, tmp: str) -> Batches:
+def reference_batches(cfg: Config, dp: int) -> Batches:
     tok = AutoTokenizer.from_pretrained(cfg.model_path)
-    spec = DataSpec(cfg.data_path, seq_length=cfg.seq_length)
-    data, _, _ = prepare(spec, tok, tmp)
-    return Batches([[e] for e in data.examples], cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                   dp, cfg.seed, tok.pad_token_id, cfg.pad_to_multiple_of, cfg.seq_length)
+    examples = tokenize_records(DataSpec(cfg.data_path, seq_length=cfg.seq_length), tok).examples
+    return Batches(SampleSet(examples, np.arange(len(examples))), cfg.per_device_train_batch_size,
+                   cfg.gradient_accumulation_steps, dp, cfg.seed, tok.pad_token_id, cfg.pad_to_multiple_of,
+                   cfg.seq_length)
 
 
 def loss_and_grads(model, batches: Batches, consumed: int, microbatches: int) -> float:
@@ -48,7 +50,7 @@ def loss_and_grads(model, batches: Batches, consumed: int, microbatches: int) ->
     return total
 
 
-def reference_training(cfg: Config, lora: dict, dp: int, steps: int, tmp: str):
+def reference_training(cfg: Config, lora: dict, dp: int, steps: int):
     """Losses per step and the adapter (PEFT key names) after each step."""
     model = reference_model(cfg, lora)
     model.train()
@@ -56,7 +58,7 @@ def reference_training(cfg: Config, lora: dict, dp: int, steps: int, tmp: str):
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    batches = reference_batches(cfg, dp, tmp)
+    batches = reference_batches(cfg, dp)
     losses, adapters = [], []
     for step in range(steps):
         losses.append(loss_and_grads(model, batches, step * batches.global_batch, cfg.gradient_accumulation_steps))

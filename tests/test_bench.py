@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -21,9 +22,12 @@ def run_bench(script: str, *args: str, torchrun: int = 0, results: bool = True) 
     return proc.stdout
 
 
-def test_tokenization_bench_runs():
-    out = run_bench("data_tokenize.py", "--records", "300")
-    assert "| cold (tokenize + write cache) | 300 |" in out and "| cached (read cache) | 300 |" in out
+def test_data_scale_bench_runs(tmp_path):
+    out = run_bench("data_scale.py", "--records", "3000", "--workdir", str(tmp_path), "--bad_line", "2500")
+    for launch in ("cold: tokenize", "second launch: cache", "cache, 3 stages", "bad record at line 2,500",
+                   "after the fix (0 records cached)"):
+        assert re.search(rf"3,000 \(\d+ MB\) \| {re.escape(launch)} \|", out), launch
+    assert "bad.jsonl: invalid JSON at line 2500" in out
 
 
 def test_one_gpu_bench_runs():
@@ -58,3 +62,13 @@ def test_seventy_b_bench_runs():
 def test_profile_bench_runs():
     out = run_bench("profile_step.py", "--arch", "tiny", "--seq", "32", "--top", "5", results=False)
     assert "===== plain transformers + PEFT" in out and "===== merak-lora stage (pp=1)" in out
+
+
+def test_startup_bench_runs(tmp_path):
+    out = run_bench("startup.py", "--arch", "tiny", "--shards", "3", "--workdir", str(tmp_path))
+    assert "| fresh |" in out and "| resumed from checkpoint-2 |" in out
+
+
+def test_ceiling_bench_runs():
+    out = run_bench("ceiling.py", "--arch", "tiny", "--seq", "64", "--microbatch", "1")
+    assert "| bf16 ceiling tokens/s |" in out

@@ -252,3 +252,120 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
     assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint-30", "checkpoint-40", "latest"]
     assert read_latest(str(tmp_path)).endswith("checkpoint-40")
     assert read_meta(str(tmp_path / "checkpoint-40"))["global_step"] == 40
+
+
+def test_a_resume_reads_only_the_saved_stages_it_needs_and_each_tensor_once(tiny_llama, tmp_path, pp4_run,
+                                                                             monkeypatch):
+    """pp=4 checkpoint, resumed by rank 1 of pp=2 (layers 3-4 and the head): it checks every file's header but
+    reads the tensors and optimizer state of saved stage 3 only, each once."""
+    import merak_lora.checkpoint as ck
+    from merak_lora.checks import checked_resume
+    from merak_lora.layout import Layout
+    from merak_lora.lora import adapter_params, read_lora_config
+    from merak_lora.optim import make_optimizer
+    from merak_lora.plan import build_stages, make_plan
+
+    tensors, states = [], []
+    real_open, real_load = ck.safe_open, torch.load
+
+    class Counting:
+        def __init__(self, path, **kw):
+            self.path, self.inner = path, real_open(path, **kw)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            tensors.append((os.path.basename(os.path.dirname(self.path)), key))
+            return self.file.get_tensor(key)
+
+    monkeypatch.setattr(ck, "safe_open", Counting)
+    monkeypatch.setattr(torch, "load", lambda path, **kw: states.append(path) or real_load(path, **kw))
+    cfg = Config(model_path=tiny_llama, pp=2, device="cpu", lora_config=LORA_CONFIG, output_dir=str(tmp_path),
+                 resume_peft_from_checkpoint=pp4_run)
+    plan = make_plan(cfg, 2, read_lora_config(LORA_CONFIG))
+    layout = Layout(rank=1, world=2, local_rank=1, pp=2, chunks=1, v_shape=False, device=torch.device("cpu"))
+    assert [(s.start, s.stop) for s in plan.specs] == [(0, 3), (3, 4)]
+    resume = checked_resume(cfg, plan, layout.stage_ids())
+    assert sorted(resume.states) == [3] and [os.path.basename(os.path.dirname(p)) for p in states] == \
+        ["mp_rank_00_pp_rank_003"]
+    assert tensors == [], "checking the checkpoint read tensors"
+    stages = build_stages(cfg, plan, layout)
+    params = {s.spec.index: adapter_params(s.model) for s in stages}
+    state = ck.restore(resume, params, make_optimizer("adamw_torch", [p for ps in params.values()
+                                                                      for p in ps.values()], 1e-3, (0.9, 0.999),
+                                                      1e-8, 0.0), layout, 0)
+    assert state.global_step == 3
+    own = sorted(params[1])
+    assert sorted(k for _, k in tensors) == own and {d for d, _ in tensors} == {"mp_rank_00_pp_rank_003"}
+    assert len(states) == 1, "the training state was read twice"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory) -> str:
+    from merak_lora.tiny import make_tiny_model
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen2")), "qwen2", num_layers=4, shards=2)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_reach_the_merged_model(tiny_qwen2, tmp_path, bias):
+    """Qwen2 has q/k/v biases: trained with bias "all" or "lora_only", the merged model's logits equal
+    PeftModel(base, adapter)'s."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from merak_lora.export import export_adapter, merge
+
+    lora = tmp_path / "lora.json"
+    lora.write_text(json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": bias,
+                                "target_modules": ["q_proj", "v_proj", "o_proj"]}))
+    out = str(tmp_path / "out")
+    run_ranks(_train, 2, _cfg(tiny_qwen2, out, pp=2, lora_config=str(lora), max_steps=3, learning_rate=3e-2))
+    ckpt = os.path.join(out, "checkpoint-3")
+    trained = {k: v for k, v in load_adapter_tensors(ckpt, read_meta(ckpt)).items() if k.endswith(".bias")}
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    names = {"all": ("q_proj", "k_proj", "v_proj"), "lora_only": ("q_proj", "v_proj")}[bias]
+    assert trained and {k.split(".")[-3 if ".base_layer." in k else -2] for k in trained} == set(names)
+    k_name = next(iter(trained)).removeprefix("base_model.model.").replace(".base_layer.", ".")
+    assert not torch.equal(trained[next(iter(trained))], base.state_dict()[k_name]), "the bias did not train"
+
+    ids = _batch()
+    with _no_key_warnings():
+        peft_model = PeftModel.from_pretrained(base, export_adapter(ckpt, str(tmp_path / "adapter"))).eval()
+    with torch.no_grad():
+        via_peft = peft_model(input_ids=ids).logits.float()
+        merged = AutoModelForCausalLM.from_pretrained(merge(ckpt, str(tmp_path / "merged")), dtype=torch.float32)
+        via_merged = merged(input_ids=ids).logits.float()
+    assert (via_merged - via_peft).abs().max().item() <= 1e-5 * via_peft.abs().max().item()
+
+
+def test_the_run_ends_with_a_peft_adapter_and_says_where(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "out")
+    run_ranks(_train, 2, _cfg(tiny_llama, out, pp=2, max_steps=4, save_steps=100))
+    adapter = os.path.join(out, "adapter")
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    ckpt = os.path.join(out, "checkpoint-4")
+    from safetensors.torch import load_file
+    written = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    saved = load_adapter_tensors(ckpt, read_meta(ckpt))
+    assert written.keys() == saved.keys() and all(torch.equal(written[k], saved[k]) for k in saved)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ids = _batch()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    with _no_key_warnings():
+        tuned = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        assert rel(tuned(input_ids=ids).logits, plain) > 1e-4, "the adapter changed nothing"
+    last = open(os.path.join(out, "logs", "rank_000.log")).read().strip().splitlines()[-1]
+    assert f"adapter (PEFT): {adapter}" in last and f"last checkpoint: {ckpt}" in last and "done: 4 steps" in last

@@ -53,8 +53,6 @@ def cases(tmp_path, tiny_llama):
         ("no model", base[2:], {}, "no model: pass --model_path DIR"),
         ("no data", base[:2] + base[4:], {}, "no data: pass --data_path"),
         ("world not divisible by pp", base + ["--pp", "3"], w4, "world size 4 is not divisible by --pp 3"),
-        ("too few microbatches", base + ["--pp", "4", "--gradient_accumulation_steps", "2"], w4,
-         "--gradient_accumulation_steps 2 is fewer than the 4 pipeline ranks"),
         ("interleaved multiple", base + ["--pp", "2", "--pipeline_schedule", "interleaved1f1b",
                                          "--gradient_accumulation_steps", "5"], w4, "must be a multiple of --pp 2"),
         ("stages_per_rank without interleaving", base + ["--stages_per_rank", "2"], {},
@@ -69,11 +67,18 @@ def cases(tmp_path, tiny_llama):
         ("compile with zero bubble", base + ["--pp", "2", "--pipeline_schedule", "zbv", "--compile", "true",
                                              "--gradient_accumulation_steps", "4"], w4,
          "--compile true cannot run with --pipeline_schedule zbv"),
-        ("unknown lr scheduler", base + ["--lr_scheduler_type", "polynomial"], {}, "--lr_scheduler_type 'polynomial'"),
+        ("unknown lr scheduler", base + ["--lr_scheduler_type", "cosine_annealing"], {},
+         "--lr_scheduler_type 'cosine_annealing' is not one of linear, cosine"),
+        ("scheduler that follows the loss", base + ["--lr_scheduler_type", "reduce_lr_on_plateau"], {},
+         "--lr_scheduler_type reduce_lr_on_plateau is not supported: it follows the eval loss"),
+        ("scheduler arguments missing", base + ["--lr_scheduler_type", "cosine_with_min_lr"], {},
+         "--lr_scheduler_type cosine_with_min_lr: "),
         ("merak split method", base + ["--split_method", "farthest_min_deps"], {},
          "use --split_method layer_split"),
-        ("unknown input name", base + ["--input_names", "input_ids", "pixel_values"], {},
-         "--input_names ['pixel_values'] unknown"),
+        ("report to a service", base + ["--report_to", "wandb"], {}, "use --report_to tensorboard or none"),
+        ("interleaved with too few microbatches", base + ["--pp", "2", "--pipeline_schedule", "interleaved1f1b",
+                                                          "--gradient_accumulation_steps", "1"], w4,
+         "raise --gradient_accumulation_steps to 2 or more"),
         ("model folder missing", ["--model_path", str(tmp_path / "nope")] + base[2:], {},
          "does not exist"),
         ("no safetensors", ["--model_path", str(no_weights)] + base[2:], {}, "has no safetensors weights"),
@@ -118,11 +123,12 @@ def test_at_least_twenty_invalid_inputs_each_with_its_message(tiny_llama, tmp_pa
 
 
 def test_checkpoint_space_is_checked_before_training(tiny_llama, tmp_path, monkeypatch, capsys):
+    import merak_lora.checks as checks
     import merak_lora.finetune as ft
 
     class Full:
         free = 10 * 2**20
-    monkeypatch.setattr(ft.shutil, "disk_usage", lambda path: Full())
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: Full())
     big_lora = tmp_path / "r64.json"
     big_lora.write_text(json.dumps({"r": 512}))
     code = ft.main(["--model_path", tiny_llama, "--data_path", SAMPLE, "--lora_config", str(big_lora),

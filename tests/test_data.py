@@ -68,15 +68,16 @@ def test_long_records_are_truncated_keeping_the_answer_start(tmp_path, tok):
 # --- every shape the users bring ---------------------------------------------------------------------------
 
 from merak_lora.config import ConfigError  # noqa: E402
-from merak_lora.data import (DataError, TokenStats, list_files, parse_field_map, prepare,  # noqa: E402
-                             read_file, to_conversation)
+from merak_lora.data import DataError, ReadStats, list_files, parse_field_map  # noqa: E402
+from merak_lora.data.records import plan_pieces, read_piece, to_conversation  # noqa: E402
 from merak_lora.templates import Formatter  # noqa: E402
 
 
-def conversations(path, fmt="auto", field_map="", system=""):
-    stats = TokenStats()
+def conversations(path, fmt="auto", field_map="", system="", per_piece=50_000):
+    stats = ReadStats()
     return [to_conversation(rec, where, fmt, parse_field_map(field_map), system)
-            for f in list_files(str(path)) for rec, where in read_file(f, False, stats)]
+            for piece in plan_pieces(list_files(str(path)), per_piece)
+            for rec, where in read_piece(piece, False, stats)]
 
 
 U, A, S = "user", "assistant", "system"
@@ -181,9 +182,13 @@ def test_named_templates_render_incrementally_and_as_documented(tok):
 
 
 def test_packing_fills_sequences_and_keeps_records_whole(tmp_path, tok):
-    from merak_lora.data import pack
+    import numpy as np
+
+    from merak_lora.data import SampleSet, pack
     data = tokenize_records(DataSpec(SAMPLE_PATH, seq_length=128), tok)
-    bins = pack(data.examples, 128, seed=0)
+    lengths = np.array([len(e.ids) for e in data.examples])
+    samples = SampleSet(data.examples, *pack(lengths, np.arange(len(lengths)), 128, seed=0))
+    bins = [samples[s] for s in range(len(samples))]
     assert sorted(id(e) for b in bins for e in b) == sorted(id(e) for e in data.examples)
     assert all(sum(len(e.ids) for e in b) <= 128 for b in bins)
     assert len(bins) < len(data.examples) / 2
@@ -197,12 +202,23 @@ def test_packing_fills_sequences_and_keeps_records_whole(tmp_path, tok):
 
 def test_cache_hit_returns_the_same_tokens(tmp_path, tok):
     spec = DataSpec(write(tmp_path / "d.json", RECORDS), seq_length=256)
-    first, hit1, path = prepare(spec, tok, str(tmp_path / "cache"))
-    second, hit2, path2 = prepare(spec, tok, str(tmp_path / "cache"))
-    assert (hit1, hit2, path) == (False, True, path2) and path.endswith(".safetensors")
-    assert [(e.ids, e.trained) for e in first.examples] == [(e.ids, e.trained) for e in second.examples]
-    third, hit3, _ = prepare(DataSpec(spec.path, seq_length=64), tok, str(tmp_path / "cache"))
-    assert not hit3, "another --seq_length must not reuse the cache"
+    first = prepare_here(spec, tok, tmp_path / "cache")
+    second = prepare_here(spec, tok, tmp_path / "cache")
+    assert first.path == second.path and first.shards == second.shards
+    from merak_lora.data import TokenStore
+    got = [(list(e.ids), [bool(t) for t in e.trained]) for e in (TokenStore(second)[i] for i in range(2))]
+    assert got == [(list(e.ids), list(e.trained)) for e in tokenize_records(spec, tok).examples]
+    third = prepare_here(DataSpec(spec.path, seq_length=64), tok, tmp_path / "cache")
+    assert third.path != first.path and third.shards != first.shards, "another --seq_length must not reuse it"
+
+
+def prepare_here(spec, tok, cache):
+    """The run's data preparation in this one process."""
+    import torch.distributed as dist
+
+    from merak_lora.coordinate import Coordinator
+    from merak_lora.data.prepare import prepare
+    return prepare(spec, tok, str(cache), Coordinator(dist.HashStore(), 0, 1), progress=False)
 
 
 SAMPLE_PATH = __import__("conftest").SAMPLE
@@ -281,3 +297,62 @@ def test_skip_bad_records_counts_instead_of_stopping(tmp_path, tok):
     assert len(data.examples) == 2 and data.stats.skipped_bad == 2
     assert any("line 2: invalid JSON" in b for b in data.stats.bad_examples)
     assert any("line 3: missing field 'output'" in b for b in data.stats.bad_examples)
+
+
+# --- continued pre-training text and TRL's prompt-completion ---------------------------------------------------
+
+def test_text_records_train_every_token(tmp_path, tok):
+    path = write(tmp_path / "corpus.jsonl", [{"text": "杭州的茶馆里，小满在煮水。"}, {"text": "Tea is ready."}],
+                 jsonl=True)
+    data = tokenize_records(DataSpec(path, seq_length=256), tok)
+    for text, ex in zip(["杭州的茶馆里，小满在煮水。", "Tea is ready."], data.examples):
+        ids = tok(text)["input_ids"] + [tok.eos_token_id]   # the tokenizer's own start (no BOS for this one), EOS
+        assert ex.ids == ids and all(ex.trained)
+        batch = collate([[ex]], tok.pad_token_id, 8, 256)
+        assert batch.targets[0][:len(ids) - 1].tolist() == ids[1:] and batch.targets_count == len(ids) - 1
+
+
+def test_prompt_completion_strings_go_to_the_tokenizer_without_a_template(tmp_path, tok):
+    path = write(tmp_path / "pc.jsonl", [{"prompt": "The capital of France is", "completion": " Paris."}], jsonl=True)
+    ex = tokenize_records(DataSpec(path, seq_length=256), tok).examples[0]
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    completion = tok(" Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.ids == prompt + completion
+    assert ex.trained == [False] * len(prompt) + [True] * len(completion)
+
+
+def test_prompt_completion_messages_use_the_chat_template_like_messages_records(tmp_path, tok):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    pc = write(tmp_path / "pc.json", [{"prompt": conv, "completion": [{"role": "assistant", "content": "Hello."}]},
+                                      {"prompt": "Hi", "completion": [{"role": "assistant", "content": "Hello."}]}])
+    ms = write(tmp_path / "m.json", [{"messages": conv + [{"role": "assistant", "content": "Hello."}]},
+                                     {"messages": [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": "Hello."}]}])
+    a = tokenize_records(DataSpec(pc, seq_length=256), tok).examples
+    b = tokenize_records(DataSpec(ms, seq_length=256), tok).examples
+    assert [(e.ids, e.trained) for e in a] == [(e.ids, e.trained) for e in b]
+
+
+def test_a_record_of_unknown_shape_names_its_keys_the_shapes_and_field_map(tmp_path, tok):
+    path = write(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}], jsonl=True)
+    with pytest.raises(DataError) as err:
+        tokenize_records(DataSpec(path), tok)
+    text = str(err.value)
+    assert "qa.jsonl, line 1: a record of unknown shape (keys: question, answer)" in text
+    assert "prompt-completion (prompt, completion) or text (text)" in text and "--field_map" in text
+    data = tokenize_records(DataSpec(path, field_map="instruction=question,output=answer"), tok)
+    assert len(data.examples) == 1
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "x", "completion": ""}, "field 'completion' is empty"),
+    ({"text": "  "}, "field 'text' is empty"),
+    ({"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "narrator", "content": "y"}]},
+     "completion[0] has role 'narrator'"),
+    ({"prompt": [{"role": "assistant", "content": "x"}], "completion": "y"}, "turns must alternate"),
+])
+def test_bad_prompt_completion_and_text_records_are_named(tmp_path, tok, record, message):
+    path = write(tmp_path / "bad.jsonl", [record], jsonl=True)
+    with pytest.raises(DataError, match="bad.jsonl, line 1") as err:
+        tokenize_records(DataSpec(path), tok)
+    assert message in str(err.value)

@@ -42,7 +42,8 @@ def test_eval_loss_matches_one_process_on_the_held_out_records(tiny_llama, tmp_p
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     examples = tokenize_records(DataSpec(SAMPLE, seq_length=128), tok).examples
-    _, held = split_eval(examples, 0.05, cfg.seed)
+    _, held_idx = split_eval(len(examples), 0.05, cfg.seed)
+    held = [examples[i] for i in held_idx]
     assert len(held) == 12
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
                                       export_adapter(os.path.join(cfg.output_dir, "checkpoint-4"),

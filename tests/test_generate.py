@@ -170,3 +170,18 @@ def test_interactive_chat_through_a_pipe(tiny_llama, memorised):
     assert out.count(">>> ") == 4          # question, /reset, question, /exit; the line after /exit is not read
     assert records[0]["output"] in out and records[1]["output"] in out
     assert "(conversation cleared)" in out
+
+
+def test_a_family_that_cannot_generate_across_stages_is_refused_before_loading(tmp_path):
+    """openai-gpt trains at any stage count but keeps no KV cache: gen.sh at two stages says to use one process."""
+    from transformers import AutoTokenizer
+
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.config import ConfigError
+    from merak_lora.tiny import make_tiny_model
+
+    model = make_tiny_model(str(tmp_path / "gpt"), "openai-gpt", num_layers=4)
+    cfg = GenConfig(model_path=model, pp=2, device="cpu")
+    with pytest.raises(ConfigError, match="'openai-gpt' cannot generate across pipeline stages yet.*python "
+                                          "launch/gen_text.py"):
+        _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, None, 2)

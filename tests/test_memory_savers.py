@@ -52,7 +52,7 @@ def test_last_stage_hands_hidden_states_to_the_loss_only_while_training(tiny_lla
                     plan.hidden_size, plan.vocab_size, torch.float32)
     ids = torch.randint(3, plan.vocab_size, (1, 8))
     from merak_lora.data import Batch
-    pipe.step(Batch(ids, ids, None, 8, 8))
+    pipe.step(Batch(ids, ids, None, 8, 8, tuple(ids.shape)))
     assert seen == [(1, 8, plan.hidden_size)]
     assert pipe.logits(ids).shape == (1, 8, plan.vocab_size)  # generation and logits still get the head's output
 

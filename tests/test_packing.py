@@ -15,7 +15,9 @@ def _losses(model: str, pp: int) -> tuple[float, float, float] | None:
     from transformers import AutoTokenizer
 
     from merak_lora.config import Config
-    from merak_lora.data import DataSpec, collate, pack, tokenize_records
+    import numpy as np
+
+    from merak_lora.data import DataSpec, SampleSet, collate, pack, tokenize_records
     from merak_lora.finetune import build_stages, make_plan
     from merak_lora.layout import init_distributed
     from merak_lora.schedule import Pipeline, TokenLoss
@@ -28,7 +30,8 @@ def _losses(model: str, pp: int) -> tuple[float, float, float] | None:
         s.eval()
     tok = AutoTokenizer.from_pretrained(model)
     examples = tokenize_records(DataSpec(SAMPLE, seq_length=128), tok).examples
-    bins = [b for b in pack(examples, 128, seed=0) if len(b) >= 3][:2]
+    samples = SampleSet(examples, *pack(np.array([len(e.ids) for e in examples]), np.arange(len(examples)), 128, 0))
+    bins = [b for b in (samples[s] for s in range(len(samples))) if len(b) >= 3][:2]
     records = [e for b in bins for e in b]
 
     def loss(samples, drop_positions=False):

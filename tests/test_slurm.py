@@ -118,7 +118,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_adapter(cluster
     state = _job_state(job)
     log = open(os.path.join(tmp_path, f"job-{job}.out")).read()
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) >= 1, (state, log[-3000:])
-    assert "stop requested by a signal" in log and "resuming from the latest checkpoint" in log
+    assert "stopped by a preemption signal after step" in log and "resuming from the latest checkpoint" in log
     assert read_latest(out).endswith("checkpoint-60")
     a = load_adapter_tensors(os.path.join(out, "checkpoint-60"), read_meta(os.path.join(out, "checkpoint-60")))
     b = load_adapter_tensors(os.path.join(clean, "checkpoint-60"), read_meta(os.path.join(clean, "checkpoint-60")))
