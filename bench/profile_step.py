@@ -2,7 +2,7 @@
 transformers + PEFT loop, from torch.profiler. For deciding what to optimise, not for RESULTS.md.
 
     python bench/profile_step.py --arch llama3-8b --seq 2048 [--which ours|plain|both] [--top 25]
-        [--microbatch 3 --compile true]
+        [--microbatch 3 --compile true --fp8 true]
 
 After the kernel table, the GPU time of the step by kind of kernel: matrix products (cuBLAS/CUTLASS), flash
 attention, Triton kernels (what torch.compile fused), other elementwise kernels, the rest.
@@ -41,8 +41,9 @@ def profile(step, top: int, label: str) -> None:
         print(kinds(prof))
 
 
-KINDS = (("matrix products", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "_mm_")),
-         ("flash attention", ("flash", "fmha", "attention")), ("triton (compiled)", ("triton",)),
+KINDS = (("triton (compiled)", ("triton",)),  # first: fused kernels are named after the ops they hold (_scaled_mm)
+         ("matrix products", ("gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "_mm_")),
+         ("flash attention", ("flash", "fmha", "attention")),
          ("elementwise / reductions", ("elementwise", "reduce", "vectorized", "unrolled", "copy", "fill")))
 
 
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--microbatch", type=int, default=1)
     ap.add_argument("--compile", default="false")
+    ap.add_argument("--fp8", default="false")
     a = ap.parse_args()
 
     import torch
@@ -89,22 +91,25 @@ def main() -> None:
     if a.which in ("ours", "both"):
         import json
 
+        from merak_lora.checks import checked_quantization
         from merak_lora.config import Config
         from merak_lora.finetune import build_stages, make_plan
         from merak_lora.layout import init_distributed
         from merak_lora.schedule import TokenLoss
         lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS}
-        cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora), compile=a.compile == "true")
+        cfg = Config(model_path=model_dir, bf16=True, lora_config=json.dumps(lora), compile=a.compile == "true",
+                     fp8=a.fp8 == "true")
         plan = make_plan(cfg, 1, lora)
         layout = init_distributed(1, 1, False, device)
-        stage = build_stages(cfg, plan, layout)[0].train()
+        stage = build_stages(cfg, plan, layout, checked_quantization(cfg, torch.device(device)))[0].train()
         stage.emit_hidden = True  # as a training step runs it: the loss applies the head in chunks
         loss_fn = TokenLoss()
         targets = torch.roll(ids, -1, 1)
 
         def ours():
             loss_fn(stage(ids), targets, head=stage.loss_head).backward()
-        profile(ours, a.top, f"merak-lora stage (pp=1), microbatch {a.microbatch}, compile {a.compile}")
+        profile(ours, a.top, f"merak-lora stage (pp=1), microbatch {a.microbatch}, compile {a.compile}, "
+                             f"fp8 {a.fp8}")
 
 
 if __name__ == "__main__":
