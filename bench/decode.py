@@ -1,5 +1,6 @@
-"""Decode speed: merak-lora's pipeline generation (prefill, then a token at a time, each stage with its own KV cache)
-against transformers' generate() on the same model, greedy, same prompts.
+"""Decode speed: merak-lora's pipeline generation (prefill, then a token at a time, each stage with its own KV cache),
+with the static cache and CUDA-graph steps (decode.py) and without, against transformers' generate() on the same
+model, greedy, same prompts; the time to the first token for a long prompt, and the memory bound on the GPU.
 
     python bench/decode.py --arch llama3-8b [--batch 8 --prompt_len 128 --new 128]
     torchrun --nproc_per_node 2 bench/decode.py --arch llama3-8b --pp 2      # stages on 2 GPUs
@@ -16,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, markdown_table, report, write_random_model  # noqa: E402
+from bench.common import RESULTS, TARGETS, markdown_table, report, write_random_model  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -30,12 +31,44 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def graph_check(gen, prompts, adapters) -> list[str]:
+    """Greedy tokens of CUDA-graph replay against the same static cache run eagerly, per adapter setting."""
+    from merak_lora.generate import Sampling
+    notes = []
+    for adapter in adapters:
+        gen.static, gen.graphs = True, False
+        eager = gen.generate(prompts, Sampling(max_new_tokens=32), adapter=adapter)
+        gen.graphs = True
+        graphed = gen.generate(prompts, Sampling(max_new_tokens=32), adapter=adapter)
+        firsts = [next((i for i, (x, y) in enumerate(zip(e, r)) if x != y), None) for e, r in zip(eager, graphed)]
+        differ = sorted(f for f in firsts if f is not None)
+        notes.append(f"Adapter {'on' if adapter else 'off'}: CUDA-graph replay and the same static cache run "
+                     f"eagerly give the same 32 greedy tokens for {len(firsts) - len(differ)} of {len(firsts)} "
+                     f"prompts{'' if not differ else ' (the others part at tokens ' + str(differ) + ')'}.")
+    return notes
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write), the memory bound's measure."""
+    import torch
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = timed(lambda: [dst.copy_(src) for _ in range(10)]) / 10
+    return 2 * src.numel() / seconds
+
+
 def show_profile(fn, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
     print(f"===== {label}")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=55))
+    import torch
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=55))
+    if torch.cuda.is_available():
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        print(f"{len(kernels)} kernels, {sum(e.device_time_total for e in kernels) / 1e3:.1f} ms of GPU time")
 
 
 def main() -> None:
@@ -46,6 +79,9 @@ def main() -> None:
     ap.add_argument("--prompt_len", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--lora", default="true", help="decode with a LoRA adapter on every linear")
+    ap.add_argument("--compile", default="false", help="compile the layers (as gen.sh --compile true does)")
+    ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
     a = ap.parse_args()
@@ -56,6 +92,7 @@ def main() -> None:
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.generate import Sampling, left_pad
     from merak_lora.layout import env_ranks
+    from merak_lora.lora import merge_for_generation
 
     rank, world, _ = env_ranks()
     model_dir = a.model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
@@ -63,23 +100,53 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (a.prompt_len - 8 * (i % 4),), generator=g).tolist() for i in range(a.batch)]
     bf16 = torch.cuda.is_available()
-    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16)
-    gen, _, layout = _pipeline_generator(cfg, tok, None, None, world)
+    # --compare_base true keeps the adapter apart from the base; the merged case (gen.sh without it) is a row below
+    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16, compile=a.compile == "true", compare_base=True)
+    # --lora true: a random adapter on every linear (B not zero, so it changes the answers), as gen.sh runs one
+    meta = {"lora": {"r": 8, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}} \
+        if a.lora == "true" else None
+    gen, _, layout = _pipeline_generator(cfg, tok, None, meta, world)
     if layout.rank != 0:
         gen.serve()
         return
     gen.eos_ids = set()  # random weights: never stop early, both sides generate exactly --new tokens
-    # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process
-    gen.generate(prompts, Sampling(max_new_tokens=a.new))
-    ours_s = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
-    if a.profile:
-        show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), "merak-lora pipeline")
+    rows, answers, notes = [], {}, []
+    fast = gen.static
+    graphs = ", CUDA graphs" if torch.cuda.is_available() else ""
+    variants = ([(f"static cache{graphs}", True, False)] if fast else []) + [("growing cache, no graphs", False, False)]
+    if meta and fast:
+        variants.append((f"static cache{graphs}, adapter merged into the base", True, True))
+    for label, static, merge in variants:
+        if merge:
+            gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
+        gen.static, gen.graphs = static, static and torch.cuda.is_available()
+        # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process
+        gen.generate(prompts, Sampling(max_new_tokens=a.new))
+        ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
+        long_prompt = [torch.randint(3, 1000, (a.ttft_len,), generator=g).tolist()]
+        gen.generate(long_prompt, Sampling(max_new_tokens=1))  # its shapes' first time (kernel plans, compiling)
+        ttft = timed(lambda: gen.generate(long_prompt, Sampling(max_new_tokens=1)))
+        if a.profile:
+            show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), f"merak-lora pipeline, {label}")
+        rows.append([f"merak-lora pipeline, pp={a.pp}, {label}{', compiled layers' if cfg.compile else ''}"
+                     f"{', LoRA r=8' if meta else ''}", a.batch, a.new, f"{ours_s:.2f}",
+                     f"{a.batch * a.new / ours_s:,.0f}", f"{ttft:.3f}"])
+        if static and not merge and torch.cuda.is_available():
+            notes += graph_check(gen, prompts, (True, False) if meta else (True,))
     gen.close()
-    rows = [[f"merak-lora pipeline, pp={a.pp}", a.batch, a.new, f"{ours_s:.2f}", f"{a.batch * a.new / ours_s:,.0f}"]]
+    if torch.cuda.is_available():
+        weights = sum(p.numel() * p.element_size() for st in gen.stages for p in st.model.parameters())
+        bandwidth = copy_bandwidth()
+        notes.append(f"Bound for one sequence: every weight read once per token, {weights / 2**30:.1f} GiB on this "
+                     f"rank at {bandwidth / 1e12:.2f} TB/s (a device copy measured here): "
+                     f"{bandwidth / weights:,.0f} tokens/s.")
     if a.pp == 1:
         del gen
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if meta:  # the same shape of adapter through PEFT, as `PeftModel.generate` runs a fine-tune
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(**meta["lora"]))
         model = model.to(device).eval()
         ids, mask = left_pad(prompts, tok.pad_token_id, device)
         run = lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
@@ -88,10 +155,15 @@ def main() -> None:
         hf_s = timed(lambda: run(a.new))
         if a.profile:
             show_profile(lambda: run(16), "transformers generate()")
-        rows.append(["transformers generate(), one process", a.batch, a.new, f"{hf_s:.2f}",
-                     f"{a.batch * a.new / hf_s:,.0f}"])
-    table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s"], rows)
-    report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, "", a.results)
+        rows.append([f"transformers generate(), one process{', PEFT LoRA r=8' if meta else ''}", a.batch, a.new,
+                     f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-"])
+        if not meta:  # with an adapter the two hold different random LoRA weights
+            same = sum(x == y for x, y in zip(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))]))
+            notes.append(f"Greedy answers identical to generate()'s for {same} of {a.batch} prompts (random weights "
+                         "in bf16: near-ties between logits can go either way when kernels differ).")
+    table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s",
+                            f"first token, {a.ttft_len}-token prompt (s)"], rows)
+    report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, " ".join(notes), a.results)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -112,7 +113,7 @@ class Chat:
                 out.write(f"[{label}] ")
             stream = _TextStream(self.tok, out)
             ids = self.gen.generate([prompt], self.sampling, adapter, stream.on_token)[0]
-            out.write("\n")
+            out.write(f"\n{stream.timing()}\n")
             out.flush()
             if self.gen.interrupted:
                 return
@@ -173,8 +174,12 @@ class _TextStream:
         self.tok, self.out = tokenizer, out
         self.ids: list[int] = []
         self.shown = 0
+        self.start = time.perf_counter()
+        self.first: float | None = None  # when the first token arrived
 
     def on_token(self, tokens: list[int], done: list[bool]) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
         if tokens[0] >= 0:
             self.ids.append(tokens[0])
         text = self.tok.decode(self.ids, skip_special_tokens=True)
@@ -183,6 +188,14 @@ class _TextStream:
         self.out.write(text[self.shown:])
         self.out.flush()
         self.shown = len(text)
+
+    def timing(self) -> str:
+        """Time to the first token (the prompt's pass through every stage) and the decode rate after it."""
+        if self.first is None:
+            return "(no tokens)"
+        rest = time.perf_counter() - self.first
+        rate = f", {(len(self.ids) - 1) / rest:.1f} tokens/s" if len(self.ids) > 1 and rest > 0 else ""
+        return f"({len(self.ids)} tokens, first after {self.first - self.start:.2f} s{rate})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,7 +250,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .checkpoint import check_compatible, load_adapter
     from .checks import checked_quantization
     from .layout import init_distributed
-    from .lora import adapter_params
+    from .lora import adapter_params, merge_for_generation
     from .models import NO_PIPELINE_GENERATION
     from .plan import build_stages, compute_dtype, make_plan
 
@@ -263,6 +276,8 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
         for p in s.parameters():
             p.requires_grad_(False)
     gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg))
+    if ckpt and not cfg.compare_base:  # the base is never asked for: decode with the adapter folded in
+        gen.merged = sum(merge_for_generation(s.model) for s in stages) > 0
     return gen, tokenizer, layout
 
 

@@ -1,7 +1,8 @@
 """Text generation across the pipeline, and in one process for users without a cluster.
 
-Pipeline mode: prefill, then one token at a time. Each stage keeps its own KV cache for its own layers; hidden
-states go stage to stage with point-to-point sends, and the next tokens go from the last stage to every rank of
+Pipeline mode: prefill, then one token at a time. Each stage keeps its own KV cache for its own layers (of fixed
+size, with each token's step replayed as a CUDA graph where the model allows: decode.py); hidden states go stage
+to stage with point-to-point sends, and the next tokens go from the last stage to every rank of
 the pipeline, so all ranks know when to stop. Rank 0 drives: it sends each request (prompts, sampling settings,
 adapter on or off) to the other ranks, which serve requests until told to stop.
 
@@ -18,10 +19,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from transformers import DynamicCache
 from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, static_decoding
 from .layout import Layout, rank_of_stage
 from .stage import Stage
 
@@ -55,31 +56,6 @@ class Sampling:
             if self.top_p < 1.0:
                 procs.append(TopPLogitsWarper(self.top_p))
         return procs
-
-
-class StageCache(DynamicCache):
-    """A KV cache for one stage: only its own layers fill it, so questions about "the" sequence length,
-    which the model asks of layer 0 (or the first full-attention layer), go to an owned layer of the same kind."""
-
-    def __init__(self, config, owned: range):
-        super().__init__(config=config)
-        self.owned = owned
-
-    def _own(self, layer_idx: int) -> int:
-        if layer_idx in self.owned:
-            return layer_idx
-        kinds = self.is_sliding
-        want = kinds[layer_idx] if layer_idx < len(kinds) else False
-        return next((i for i in self.owned if i < len(kinds) and kinds[i] == want), self.owned.start)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(self._own(layer_idx))
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return super().get_mask_sizes(query_length, self._own(layer_idx))
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return super().get_query_offset(self._own(layer_idx))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +114,7 @@ class PipelineGenerator:
     """Generation across this rank's stages; rank 0 calls generate(), the others serve()."""
 
     def __init__(self, stages: list[Stage], layout: Layout, tokenizer, model_config, hidden_size: int,
-                 act_dtype: torch.dtype):
+                 act_dtype: torch.dtype, static: bool | None = None):
         self.stages = sorted(stages, key=lambda s: s.spec.index)
         self.layout = layout
         self.tokenizer = tokenizer
@@ -152,6 +128,11 @@ class PipelineGenerator:
         self.driver = self._global(0)
         self.interrupted = False         # the last answer was cut short by Ctrl-C
         self._ctrl_c = False
+        text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        # a static cache and prepared masks where the model allows (`static` forces the choice, for tests)
+        self.static = static_decoding(self.stages[0].base_lm(), text) if static is None else static
+        self.graphs = self.static and layout.device.type == "cuda"
+        self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
 
     def _global(self, pp_rank: int) -> int:
         return self.layout.global_rank_of(pp_rank)
@@ -167,6 +148,9 @@ class PipelineGenerator:
     def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: bool = True,
                  on_token: TokenCallback | None = None) -> list[list[int]]:
         """The answers; Ctrl-C meanwhile cuts them short (`interrupted` is set) instead of raising mid-pipeline."""
+        if self.merged and not adapter:
+            raise ValueError("the adapter is merged into the base weights, so the base model cannot answer; "
+                             "build the generator with --compare_base true to keep them apart")
         self._ctrl_c = False
         with _on_ctrl_c(self._note_ctrl_c):
             self._broadcast(("generate", prompts, sampling, adapter), self.driver)
@@ -198,8 +182,17 @@ class PipelineGenerator:
         device = self.layout.device
         ids, mask = left_pad(prompts, self.pad_id, device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        caches = {s.spec.index: StageCache(self.model_config, range(s.spec.start, s.spec.stop))
-                  for s in self.stages}
+        if self.static:
+            max_len = ids.shape[1] + sampling.max_new_tokens
+            caches = {s.spec.index: StaticStageCache(self.model_config, range(s.spec.start, s.spec.stop), max_len)
+                      for s in self.stages}
+            key_ok = torch.cat([mask.bool(), mask.new_ones(len(prompts), sampling.max_new_tokens, dtype=torch.bool)],
+                               dim=1)
+        else:
+            caches = {s.spec.index: StageCache(self.model_config, range(s.spec.start, s.spec.stop))
+                      for s in self.stages}
+        decoders = {s.spec.index: StageDecoder(s, caches[s.spec.index], self.graphs) for s in self.stages}
+        filled = 0
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
         processors = sampling.processors()
@@ -209,7 +202,9 @@ class PipelineGenerator:
         self.interrupted = False
         with adapter_enabled([s.model for s in self.stages], adapter):
             for _ in range(sampling.max_new_tokens):
-                logits = self._forward(step_ids, mask, positions, caches)
+                seen = attention_bias(key_ok, filled, step_ids.shape[1], self.act_dtype) if self.static else mask
+                logits = self._forward(step_ids, seen, positions, decoders)
+                filled += step_ids.shape[1]
                 tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
                 if logits is not None:
                     scores = processors(history, logits.float())
@@ -243,7 +238,7 @@ class PipelineGenerator:
         return generated
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 caches: dict[int, StageCache]) -> torch.Tensor | None:
+                 decoders: dict[int, StageDecoder]) -> torch.Tensor | None:
         """One forward through the whole pipeline; the last position's logits on the last stage's rank."""
         x: torch.Tensor | None = None
         b, q = ids.shape
@@ -255,9 +250,9 @@ class PipelineGenerator:
             elif prev_rank != self.layout.pp_rank:
                 x = torch.empty(b, q, self.hidden_size, dtype=self.act_dtype, device=ids.device)
                 dist.recv(x, src=self._global(prev_rank), group=self.layout.pp_group)
-            out = stage(x, attention_mask=mask, position_ids=positions, past_key_values=caches[s], use_cache=True)
+            out = decoders[s](x, mask, positions)
             if stage.spec.is_last:
-                return out[:, -1, :]
+                return out
             nxt = rank_of_stage(s + 1, self.layout.pp, self.layout.v_shape)
             if nxt != self.layout.pp_rank:
                 dist.send(out.to(self.act_dtype).contiguous(), dst=self._global(nxt), group=self.layout.pp_group)

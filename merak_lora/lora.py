@@ -216,6 +216,19 @@ def _dropped_low_rank(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tenso
 
 
 @torch.no_grad()
+def merge_for_generation(model: nn.Module) -> int:
+    """Fold each LoRA linear's scaled B·A into its base weight (PEFT's own merge), for generation that never
+    asks for the base model: a token then costs the base model's kernels alone, not three more per target.
+    Quantized bases (bitsandbytes, FP8) stay unmerged. Returns how many linears were merged."""
+    merged = 0
+    for mod in model.modules():
+        if isinstance(mod, LoraLinear) and type(mod.get_base_layer()) is nn.Linear and not mod.merged:
+            mod.merge()
+            merged += 1
+    return merged
+
+
+@torch.no_grad()
 def init_adapter(model: nn.Module, seed: int, how: bool | str = True) -> None:
     """Initialise every LoRA tensor from (seed, its global name), whatever the stage layout.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def _encode(model: str, prompts: list[str]) -> list[list[int]]:
 def _pipeline_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int, sampling: dict):
     from merak_lora.chat import GenConfig, build_generator
     cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=max_new, device="cpu",
-                    **sampling)
+                    compare_base=True, **sampling)
     gen, _, layout = build_generator(cfg)
     if layout is not None and layout.rank != 0:
         gen.serve()
@@ -105,7 +106,7 @@ def test_sampling_is_the_same_on_one_and_two_stages(tiny_llama, memorised):
     # one process through the same stage machinery (pp=1), not transformers' generate
     from merak_lora.chat import GenConfig, _pipeline_generator
     cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=16, device="cpu",
-                    **sampling)
+                    compare_base=True, **sampling)
     from merak_lora.checkpoint import read_meta
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
     one = gen.generate(prompts, cfg.sampling(), adapter=True)
@@ -170,6 +171,7 @@ def test_interactive_chat_through_a_pipe(tiny_llama, memorised):
     assert out.count(">>> ") == 4          # question, /reset, question, /exit; the line after /exit is not read
     assert records[0]["output"] in out and records[1]["output"] in out
     assert "(conversation cleared)" in out
+    assert re.search(r"\(\d+ tokens, first after \d+\.\d\d s, \d+\.\d tokens/s\)", out), out[-500:]
 
 
 def test_a_family_that_cannot_generate_across_stages_is_refused_before_loading(tmp_path):
@@ -185,3 +187,42 @@ def test_a_family_that_cannot_generate_across_stages_is_refused_before_loading(t
     with pytest.raises(ConfigError, match="'openai-gpt' cannot generate across pipeline stages yet.*python "
                                           "launch/gen_text.py"):
         _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, None, 2)
+
+
+def test_static_cache_decodes_like_the_growing_cache(tiny_llama, memorised):
+    """The fixed-size cache with masks prepared over it (and, on a GPU, CUDA graphs) gives the tokens the growing
+    cache gives, greedy and sampled, with left padding."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=20, device="cpu",
+                    compare_base=True)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    assert gen.static, "a Llama decodes with the static cache"
+    settings = [cfg.sampling(), GenConfig(temperature=0.8, top_k=20, seed=3, max_new_tokens=20).sampling()]
+    static = [gen.generate(prompts, s, adapter=a) for s in settings for a in (True, False)]
+    gen.static = False
+    growing = [gen.generate(prompts, s, adapter=a) for s in settings for a in (True, False)]
+    assert static == growing
+    assert static[0] != static[2], "sampling changed nothing"
+
+
+def test_adapter_merged_for_generation_answers_as_unmerged(tiny_llama, memorised):
+    """Without --compare_base the adapter is folded into the base weights: the same greedy tokens as the
+    unmerged adapter, and asking the merged generator for the base model is refused, not answered wrongly."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    from merak_lora.generate import Sampling
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    answers = {}
+    for compare_base in (True, False):
+        cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, device="cpu",
+                        compare_base=compare_base)
+        gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+        assert gen.merged is not compare_base
+        answers[compare_base] = gen.generate(prompts, Sampling(max_new_tokens=24))
+    assert answers[False] == answers[True]
+    with pytest.raises(ValueError, match="the adapter is merged"):
+        gen.generate(prompts, Sampling(max_new_tokens=2), adapter=False)

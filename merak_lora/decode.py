@@ -1,0 +1,156 @@
+"""One stage's KV cache for generation, and its one-token step made cheap.
+
+Decoding a token reads every weight once and does little arithmetic, so in eager mode its time goes to Python
+and kernel launches (hundreds per layer), not to the GPU. Where the model allows, each stage therefore keeps a
+KV cache of fixed size for the request (transformers' StaticCache; only the stage's own layers allocate), takes
+an attention mask prepared here over the whole cache, and on CUDA captures its one-token forward as a CUDA graph
+once per request and replays it for every further token: the inputs are copied into the graph's buffers and
+the cache advances on the device.
+
+"Where the model allows" (`static_decoding`): every layer attends to the whole sequence (no sliding windows,
+no linear-attention state) and the model builds its mask with transformers' `create_causal_mask`, which takes a
+prepared 4-D mask as it is. Other families keep the growing cache (`StageCache`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
+
+log = logging.getLogger("merak_lora")
+
+
+class _OwnedLayers:
+    """Questions about "the" sequence length, which a model asks of layer 0 (or its first full-attention layer),
+    go to an owned layer of the same kind: a stage's cache fills only its own layers."""
+
+    owned: range
+
+    def _own(self, layer_idx: int) -> int:
+        if layer_idx in self.owned:
+            return layer_idx
+        kinds = self.is_sliding
+        want = kinds[layer_idx] if layer_idx < len(kinds) else False
+        return next((i for i in self.owned if i < len(kinds) and kinds[i] == want), self.owned.start)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._own(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._own(layer_idx))
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_query_offset(self._own(layer_idx))
+
+
+class StageCache(_OwnedLayers, DynamicCache):
+    """A growing KV cache for one stage's layers."""
+
+    def __init__(self, config, owned: range):
+        DynamicCache.__init__(self, config=config)
+        self.owned = owned
+
+
+class StaticStageCache(_OwnedLayers, StaticCache):
+    """A KV cache of `max_len` positions for one stage's layers, allocated as each layer first writes."""
+
+    def __init__(self, config, owned: range, max_len: int):
+        StaticCache.__init__(self, config=config, max_cache_len=max_len)
+        self.owned = owned
+
+    def lengths(self) -> list[torch.Tensor]:
+        """The filled length of each allocated layer (a device tensor each, advanced in place)."""
+        return [layer.cumulative_length for layer in self.layers if layer.is_initialized]
+
+
+# Families that pass the checks below but handle the mask themselves as well (found by the family sweep,
+# tests/test_families.py, which compares every family's pipeline generation with transformers' generate()).
+OWN_MASK_HANDLING = {"git": "prepends the image tokens' mask to the 2-D mask"}
+
+
+def static_decoding(lm: torch.nn.Module, text_config) -> bool:
+    """Whether this model decodes with a static cache and a prepared 4-D mask (module docstring)."""
+    if getattr(lm.config, "model_type", None) in OWN_MASK_HANDLING:
+        return False
+    kinds = getattr(text_config, "layer_types", None) or []
+    if any(k != "full_attention" for k in kinds):
+        return False
+    if getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True):
+        return False
+    if getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False  # flash-attention kernels take no 4-D mask
+    try:
+        layers = StaticCache(config=text_config, max_cache_len=8).layers
+        source = inspect.getsource(type(lm.get_decoder()).forward)
+    except (AttributeError, TypeError, OSError, ValueError, KeyError):
+        return False
+    return all(type(layer) is StaticLayer for layer in layers) and "create_causal_mask(" in source
+
+
+def attention_bias(key_ok: torch.Tensor, start: int, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (batch, 1, queries, cache length) for queries at positions start.. of the cache:
+    a key is seen if it is not padding (`key_ok`) and not after the query."""
+    slots = torch.arange(key_ok.shape[1], device=key_ok.device)
+    rows = torch.arange(start, start + queries, device=key_ok.device)[:, None]
+    seen = key_ok[:, None, None, :] & (slots[None, :] <= rows)[None, None]
+    return torch.zeros(seen.shape, dtype=dtype, device=key_ok.device).masked_fill(~seen, torch.finfo(dtype).min)
+
+
+class GraphedStep:
+    """A stage's one-token forward captured as a CUDA graph; calling it copies the inputs into the graph's
+    buffers and replays. Capturing runs the step once first (outside the capture, for lazy initialization),
+    then rewinds the cache, so the step is not counted twice."""
+
+    def __init__(self, step, cache: StaticStageCache, *inputs: torch.Tensor):
+        self.inputs = [t.clone() for t in inputs]
+        lengths = [n.clone() for n in cache.lengths()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            for now, before in zip(cache.lengths(), lengths):
+                now.copy_(before)
+            with torch.cuda.graph(self.graph):
+                self.output = step(*self.inputs)
+        finally:
+            for now, before in zip(cache.lengths(), lengths):
+                now.copy_(before)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for buf, t in zip(self.inputs, inputs):
+            buf.copy_(t)
+        self.graph.replay()
+        return self.output
+
+
+class StageDecoder:
+    """One stage's forward for one request: eager for the prompt, graphed for each further token on CUDA."""
+
+    def __init__(self, stage, cache, graphs: bool):
+        self.stage, self.cache = stage, cache
+        self.graphs = graphs and isinstance(cache, StaticStageCache)
+        self.graphed: GraphedStep | None = None
+
+    def _step(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.stage(x, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        return out[:, -1, :] if self.stage.spec.is_last else out
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self.graphs or x.shape[1] != 1:
+            return self._step(x, mask, positions)
+        if self.graphed is None:
+            try:
+                self.graphed = GraphedStep(self._step, self.cache, x, mask, positions)
+            except RuntimeError as e:  # an operation that cannot be captured: this stage decodes eagerly
+                log.warning(f"stage {self.stage.spec.index}: decoding without CUDA graphs "
+                            f"({str(e).splitlines()[0][:160]})")
+                self.graphs = False
+                return self._step(x, mask, positions)
+        return self.graphed(x, mask, positions)
