@@ -133,6 +133,8 @@ class PipelineGenerator:
         self.static = static_decoding(self.stages[0].base_lm(), text) if static is None else static
         self.graphs = self.static and layout.device.type == "cuda"
         self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
+        # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once
+        self.in_flight = self.num_stages > 1 and layout.chunks == 1 and not layout.v_shape
 
     def _global(self, pp_rank: int) -> int:
         return self.layout.global_rank_of(pp_rank)
@@ -179,6 +181,8 @@ class PipelineGenerator:
     @torch.no_grad()
     def _run(self, prompts: list[list[int]], sampling: Sampling, adapter: bool,
              on_token: TokenCallback | None) -> list[list[int]]:
+        if self.in_flight and len(prompts) >= self.num_stages:
+            return self._run_in_flight(prompts, sampling, adapter, on_token)
         device = self.layout.device
         ids, mask = left_pad(prompts, self.pad_id, device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -196,7 +200,7 @@ class PipelineGenerator:
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
         processors = sampling.processors()
-        gen = torch.Generator(device=device).manual_seed(sampling.seed)
+        rngs = row_generators(sampling.seed, range(len(prompts)), device)
         history = ids
         step_ids = ids
         self.interrupted = False
@@ -207,12 +211,7 @@ class PipelineGenerator:
                 filled += step_ids.shape[1]
                 tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
                 if logits is not None:
-                    scores = processors(history, logits.float())
-                    if sampling.greedy:
-                        tokens = scores.argmax(-1)
-                    else:
-                        probs = torch.softmax(scores, dim=-1)
-                        tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                    tokens = next_tokens(processors(history, logits.float()), sampling.greedy, rngs)
                     finished = torch.tensor(stopper.done, device=device)
                     tokens = tokens.masked_fill(finished, self.pad_id)
                     if self._ctrl_c:  # the last stage decides, so every rank stops at the same token
@@ -258,6 +257,146 @@ class PipelineGenerator:
                 dist.send(out.to(self.act_dtype).contiguous(), dst=self._global(nxt), group=self.layout.pp_group)
             x = out
         return None
+
+
+    @torch.no_grad()
+    def _run_in_flight(self, prompts: list[list[int]], sampling: Sampling, adapter: bool,
+                       on_token: TokenCallback | None) -> list[list[int]]:
+        """The batch as one group per stage, all in the pipeline at once: at tick t the rank of stage r runs group
+        (t - r) mod P, so every stage works on every tick instead of one in P. The last stage samples a group's
+        next tokens and sends them to the first; the first stage decides when a group is finished (end of text,
+        stop strings, length, Ctrl-C) and tells the stages behind it with a header ahead of the hidden state.
+        Groups keep the whole batch's padded width and each row its own random generator, so the answers are
+        the ones the undivided batch gives. Sends do not wait (the ring of sends would otherwise deadlock)."""
+        device, stage = self.layout.device, self.stages[0]
+        r, p = stage.spec.index, self.num_stages
+        first, last = r == 0, r == p - 1
+        prev, nxt = self._global((r - 1) % p), self._global((r + 1) % p)
+        ids, mask = left_pad(prompts, self.pad_id, device)
+        groups = [_Group(self, rows, ids[rows], mask[rows], sampling, device)
+                  for rows in _split(len(prompts), p)]
+        generated: list[list[int]] = [[] for _ in prompts]
+        stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
+        sends: list = []  # (work, tensor): a tensor stays referenced until its send completes
+
+        def send(t: torch.Tensor, dst: int) -> None:
+            sends.append((dist.isend(t, dst=dst, group=self.layout.pp_group), t))
+        self.interrupted = False
+        tick = -1
+        with adapter_enabled([stage.model], adapter):
+            while any(g.alive for g in groups):
+                tick += 1
+                g = groups[(tick - r) % p]
+                if tick < r or not g.alive:
+                    continue
+                if first:
+                    if g.started:
+                        tokens = torch.empty(len(g.rows), dtype=torch.long, device=device)
+                        dist.recv(tokens, src=self._global(p - 1), group=self.layout.pp_group)
+                        if self._take(g, tokens, generated, stopper, sampling, on_token):
+                            send(torch.zeros(1, dtype=torch.long, device=device), nxt)
+                            continue
+                        g.step_ids = tokens[:, None]
+                    x = g.step_ids
+                    send(torch.ones(1, dtype=torch.long, device=device), nxt)
+                else:
+                    header = torch.empty(1, dtype=torch.long, device=device)
+                    dist.recv(header, src=prev, group=self.layout.pp_group)
+                    if header.item() == 0:
+                        g.alive = False
+                        if not last:
+                            send(header, nxt)
+                        continue
+                    x = torch.empty(len(g.rows), g.step_ids.shape[1], self.hidden_size, dtype=self.act_dtype,
+                                    device=device)
+                    dist.recv(x, src=prev, group=self.layout.pp_group)
+                out = g.forward(x)
+                if last:
+                    tokens = next_tokens(g.processors(g.history, out.float()), sampling.greedy, g.rngs)
+                    g.history = torch.cat([g.history, tokens[:, None]], dim=1)
+                    send(tokens, self._global(0))
+                    g.step_ids = tokens[:, None]
+                else:
+                    if not first:
+                        send(header, nxt)
+                    send(out.to(self.act_dtype).clone(), nxt)
+                    if not first:
+                        g.step_ids = g.step_ids[:, -1:]  # only its width matters here: one token from now on
+        for work, _ in sends:
+            work.wait()
+        return generated
+
+    def _take(self, g: "_Group", tokens: torch.Tensor, generated: list[list[int]], stopper: StopChecker,
+              sampling: Sampling, on_token: TokenCallback | None) -> bool:
+        """Rank 0: record a group's new tokens; whether the group is finished (then it is marked so)."""
+        was_done = list(stopper.done)
+        row_tokens = dict(zip(g.rows, tokens.tolist()))
+        for i, t in row_tokens.items():
+            if not was_done[i]:
+                generated[i].append(t)
+        done = stopper.update(generated)
+        if on_token is not None:
+            on_token([row_tokens[i] if i in row_tokens and not was_done[i] else -1 for i in range(len(done))], done)
+        g.steps += 1
+        if self._ctrl_c:
+            self.interrupted = True
+        if self._ctrl_c or g.steps >= sampling.max_new_tokens or all(done[i] for i in g.rows):
+            g.alive = False
+        return not g.alive
+
+
+class _Group:
+    """Some rows of a batch going through the pipeline together: their ids, mask and positions, this rank's
+    cache and step for them, and (on the last stage) what sampling needs."""
+
+    def __init__(self, gen: PipelineGenerator, rows: list[int], ids: torch.Tensor, mask: torch.Tensor,
+                 sampling: Sampling, device: torch.device):
+        stage = gen.stages[0]
+        owned = range(stage.spec.start, stage.spec.stop)
+        self.rows, self.mask, self.static, self.act_dtype = rows, mask, gen.static, gen.act_dtype
+        self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if gen.static:
+            cache = StaticStageCache(gen.model_config, owned, ids.shape[1] + sampling.max_new_tokens)
+            self.key_ok = torch.cat([mask.bool(), mask.new_ones(len(rows), sampling.max_new_tokens,
+                                                               dtype=torch.bool)], dim=1)
+        else:
+            cache = StageCache(gen.model_config, owned)
+        self.step = StageDecoder(stage, cache, gen.graphs)
+        self.step_ids, self.history = ids, ids
+        self.processors = sampling.processors()
+        self.rngs = row_generators(sampling.seed, rows, device)
+        self.filled, self.steps, self.started, self.alive = 0, 0, False, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's stage on the group's next positions (the prompt first, then one token)."""
+        q = x.shape[1]
+        seen = attention_bias(self.key_ok, self.filled, q, self.act_dtype) if self.static else self.mask
+        out = self.step(x, seen, self.positions)
+        self.filled += q
+        self.positions = self.positions[:, -1:] + 1
+        if not self.static:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.started = True
+        return out
+
+
+def _split(n: int, parts: int) -> list[list[int]]:
+    """Rows 0..n-1 in `parts` contiguous groups of sizes differing by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+def row_generators(seed: int, rows, device) -> list[torch.Generator]:
+    """One random generator per row of the batch, seeded by (seed, row): a row samples the same tokens whether
+    it is decoded with the whole batch or in a group."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + row) for row in rows]
+
+
+def next_tokens(scores: torch.Tensor, greedy: bool, rngs: list[torch.Generator]) -> torch.Tensor:
+    if greedy:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(rngs)])
 
 
 @contextlib.contextmanager

@@ -87,7 +87,7 @@ def _hf_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int) 
     return rows
 
 
-@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("pp", [2, 3, 4])
 def test_pipeline_greedy_equals_transformers_generate(tiny_llama, memorised, pp):
     ckpt, _ = memorised
     prompts = _ids(tiny_llama)
@@ -226,3 +226,39 @@ def test_adapter_merged_for_generation_answers_as_unmerged(tiny_llama, memorised
     assert answers[False] == answers[True]
     with pytest.raises(ValueError, match="the adapter is merged"):
         gen.generate(prompts, Sampling(max_new_tokens=2), adapter=False)
+
+
+def _counting_in_flight(model: str, ckpt: str, prompts: list[list[int]], sampling: dict):
+    """_pipeline_generate on every rank, counting the requests decoded as groups in flight."""
+    from merak_lora.generate import PipelineGenerator
+    calls = []
+    original = PipelineGenerator._run_in_flight
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+    PipelineGenerator._run_in_flight = counted
+    try:
+        return _pipeline_generate(model, ckpt, prompts, 20, sampling), len(calls)
+    finally:
+        PipelineGenerator._run_in_flight = original
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.9, top_k=40, seed=5)], ids=["greedy", "sampled"])
+def test_groups_in_flight_answer_as_the_whole_batch(tiny_llama, memorised, sampling):
+    """Three stages, five prompts: groups of 1, 2 and 2 rows in the pipeline at once give every row the tokens
+    one process gives the undivided batch, rows finishing at different steps."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama) + _ids(tiny_llama)[:1]
+    out = run_ranks(_counting_in_flight, 3, tiny_llama, ckpt, prompts, sampling)
+    (tuned, base), calls = out[0]
+    assert calls == 2 and all(c == 2 for _, c in out[1:]), "every rank decoded both requests in groups"
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=20, device="cpu",
+                    compare_base=True, **sampling)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    assert tuned == gen.generate(prompts, cfg.sampling(), adapter=True)
+    assert base == gen.generate(prompts, cfg.sampling(), adapter=False)
+    if not sampling:  # greedy answers end at their memorised ends, so groups finish at different ticks
+        assert len({len(a) for a in tuned}) > 1, "rows finished at different steps"
