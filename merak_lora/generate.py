@@ -114,7 +114,7 @@ class PipelineGenerator:
     """Generation across this rank's stages; rank 0 calls generate(), the others serve()."""
 
     def __init__(self, stages: list[Stage], layout: Layout, tokenizer, model_config, hidden_size: int,
-                 act_dtype: torch.dtype, static: bool | None = None):
+                 act_dtype: torch.dtype):
         self.stages = sorted(stages, key=lambda s: s.spec.index)
         self.layout = layout
         self.tokenizer = tokenizer
@@ -129,8 +129,7 @@ class PipelineGenerator:
         self.interrupted = False         # the last answer was cut short by Ctrl-C
         self._ctrl_c = False
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-        # a static cache and prepared masks where the model allows (`static` forces the choice, for tests)
-        self.static = static_decoding(self.stages[0].base_lm(), text) if static is None else static
+        self.static = static_decoding(self.stages[0].base_lm(), text)  # a fixed-size cache and prepared masks
         self.graphs = self.static and layout.device.type == "cuda"
         self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
         # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once
