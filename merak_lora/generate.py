@@ -132,8 +132,11 @@ class PipelineGenerator:
         self.static = static_decoding(self.stages[0].base_lm(), text)  # a fixed-size cache and prepared masks
         self.graphs = self.static and layout.device.type == "cuda"
         self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
-        # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once
-        self.in_flight = self.num_stages > 1 and layout.chunks == 1 and not layout.v_shape
+        # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once;
+        # not for models that keep decoding state in their own modules (transformers marks them `_is_stateful`:
+        # RecurrentGemma), which one group would overwrite for another
+        self.in_flight = (self.num_stages > 1 and layout.chunks == 1 and not layout.v_shape
+                          and not getattr(self.stages[0].base_lm(), "_is_stateful", False))
 
     def _global(self, pp_rank: int) -> int:
         return self.layout.global_rank_of(pp_rank)
