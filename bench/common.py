@@ -125,6 +125,13 @@ def write_random_model(folder: str, arch: str, shard_bytes: int = 4 * 2**30, wei
     return folder
 
 
+def bench_model(arch: str, model_dir: str = "", **kwargs) -> str:
+    """`model_dir` if given, else the random-weight model of `arch` in the temp folder the benchmarks share (written
+    once, reused by every script after)."""
+    import tempfile
+    return model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", arch), arch, **kwargs)
+
+
 def long_records(path: str, n: int, words: int = 1400) -> str:
     """Alpaca records whose answers run past --seq_length, so every training row is full (no padding)."""
     import json as _json

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, TARGETS, markdown_table, report, write_random_model  # noqa: E402
+from bench.common import RESULTS, TARGETS, markdown_table, report, bench_model  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -95,7 +94,7 @@ def main() -> None:
     from merak_lora.lora import merge_for_generation
 
     rank, world, _ = env_ranks()
-    model_dir = a.model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
+    model_dir = bench_model(a.arch, a.model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (a.prompt_len - 8 * (i % 4),), generator=g).tolist() for i in range(a.batch)]

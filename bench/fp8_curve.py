@@ -15,7 +15,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import TARGETS, markdown_table, report, RESULTS, run_worker, write_random_model  # noqa: E402
+from bench.common import TARGETS, markdown_table, report, RESULTS, run_worker, bench_model  # noqa: E402
 
 
 def varied_records(path: str, n: int, words: int = 1200) -> str:
@@ -65,8 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    model_dir = args.model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", args.arch),
-                                                     args.arch)
+    model_dir = bench_model(args.arch, args.model_dir)
     runs = {}
     for fp8 in ("false", "true"):
         r = run_worker(__file__, ["--worker", fp8, "--model_dir", model_dir, "--seq", str(args.seq), "--steps",

@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.common import (RESULTS, TARGETS, flops_per_token, llama_config,  # noqa: E402
-                          markdown_table, peak_bf16_tflops, report, run_ours, run_worker, write_random_model)
+                          markdown_table, peak_bf16_tflops, report, run_ours, run_worker, bench_model)
 
 VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags for merak-lora)
     "plain_gc": ("plain", True, 1, []), "plain_gc_mb4": ("plain", True, 4, []), "plain": ("plain", False, 1, []),
@@ -104,8 +103,7 @@ def main() -> None:
         return worker(args)
 
     import torch
-    model_dir = args.model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", args.arch),
-                                                     args.arch)
+    model_dir = bench_model(args.arch, args.model_dir)
     cuda = torch.cuda.is_available()
     peak = peak_bf16_tflops() if cuda else float("nan")
     config = llama_config(args.arch)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import TARGETS, write_random_model  # noqa: E402
+from bench.common import TARGETS, bench_model  # noqa: E402
 
 
 def profile(step, top: int, label: str) -> None:
@@ -76,7 +75,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model_dir = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch)
+    model_dir = bench_model(a.arch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = torch.randint(3, 1000, (a.microbatch, a.seq), device=device)
     if a.which in ("plain", "both"):

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, markdown_table, report, run_ours, run_worker, write_random_model  # noqa
+from bench.common import RESULTS, markdown_table, report, run_ours, run_worker, bench_model  # noqa
 
 FOUR_BIT = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--bnb_4bit_use_double_quant", "true",
             "--bnb_4bit_compute_dtype", "bfloat16", "--optim", "paged_adamw_32bit"]
@@ -42,7 +41,7 @@ def main() -> None:
         print("RESULT " + __import__("json").dumps(out), flush=True)
         return
     big = a.arch == "llama3-70b"
-    model_dir = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch,
+    model_dir = bench_model(a.arch,
                                    weights=not big)
     rows = []
     for kind in (["4bit"] if a.only4bit else ["16bit", "4bit"]):

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.common import (RESULTS, TARGETS, long_records, markdown_table, report, run_worker,  # noqa: E402
-                          write_random_model)
+                          bench_model)
 
 
 def baseline(folder: str, gpus: int, seq: int, steps: int) -> dict:
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    folder = write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", a.arch), a.arch, weights=False)
+    folder = bench_model(a.arch, weights=False)
     if a.worker == "baseline":
         print("RESULT " + json.dumps(baseline(folder, a.gpus, a.seq, a.steps)), flush=True)
         return
