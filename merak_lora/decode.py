@@ -115,15 +115,11 @@ class GraphedStep:
         with torch.cuda.stream(side):
             step(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
+        for now, before in zip(cache.lengths(), lengths):  # capturing records the step without running it
+            now.copy_(before)
         self.graph = torch.cuda.CUDAGraph()
-        try:
-            for now, before in zip(cache.lengths(), lengths):
-                now.copy_(before)
-            with torch.cuda.graph(self.graph):
-                self.output = step(*self.inputs)
-        finally:
-            for now, before in zip(cache.lengths(), lengths):
-                now.copy_(before)
+        with torch.cuda.graph(self.graph):
+            self.output = step(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         for buf, t in zip(self.inputs, inputs):

@@ -234,7 +234,8 @@ class PipelineGenerator:
                     break
                 history = torch.cat([history, tokens[:, None]], dim=1)
                 step_ids = tokens[:, None]
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if not self.static:  # the static path's masks come from key_ok
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
         return generated
 
