@@ -124,10 +124,25 @@ def _all_ok(error: str | None, group=None) -> list[str]:
     return [e for e in errors if e]
 
 
-def save_checkpoint(output_dir: str, step: int, *, layout, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-                    optimizer: torch.optim.Optimizer, scheduler_state: dict, state: TrainState, lora_raw: dict,
-                    meta: dict, save_total_limit: int = 0) -> str:
-    """Write checkpoint-<step> from every rank; returns its path once it is complete and named in `latest`."""
+@dataclass
+class SavedAdapter:
+    """What one adapter writes into a checkpoint: into the checkpoint folder itself (`folder` ""), or with several
+    adapters into its own subfolder, each a complete one-adapter checkpoint."""
+
+    folder: str
+    stage_params: dict[int, dict[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler_state: dict
+    state: TrainState
+    lora_raw: dict
+    meta: dict
+    streams: dict[int, torch.Tensor | None]   # stage -> this rank's dropout stream for the adapter
+
+
+def save_checkpoint(output_dir: str, step: int, *, layout, adapters: list[SavedAdapter], joint: dict | None = None,
+                    save_total_limit: int = 0) -> str:
+    """Write checkpoint-<step> from every rank; returns its path once it is complete and named in `latest`.
+    `joint` is the meta.json of a checkpoint of several adapters (each subfolder has its own)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     error = None
@@ -141,14 +156,18 @@ def save_checkpoint(output_dir: str, step: int, *, layout, stage_params: dict[in
     errors = _all_ok(error)
     if not errors:
         try:
-            _save_rank(partial, layout, stage_params, optimizer, scheduler_state, state, lora_raw)
+            _save_rank(partial, layout, adapters)
         except OSError as e:
             error = f"rank {layout.rank}: {e.strerror or e} ({getattr(e, 'filename', '') or partial})"
         errors = _all_ok(error)
     if not errors and layout.rank == 0:
         try:
-            _write_json(os.path.join(partial, META), {**meta, "global_step": step,
-                                                     "consumed_samples": state.consumed_samples})
+            for a in adapters:
+                os.makedirs(os.path.join(partial, a.folder), exist_ok=True)
+                _write_json(os.path.join(partial, a.folder, META), {
+                    **a.meta, "global_step": a.state.global_step, "consumed_samples": a.state.consumed_samples})
+            if joint is not None:
+                _write_json(os.path.join(partial, META), {**joint, "global_step": step})
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -195,32 +214,37 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _save_rank(folder: str, layout, stage_params, optimizer, scheduler_state, state: TrainState,
-               lora_raw: dict) -> None:
+def _save_rank(folder: str, layout, adapters: list[SavedAdapter]) -> None:
     rngs: list[Any] = [rng_state()]
+    streams: list[Any] = [[a.streams for a in adapters]]
     if layout.dp > 1:
-        rngs = [None] * layout.dp
+        rngs, streams = [None] * layout.dp, [None] * layout.dp
         dist.all_gather_object(rngs, rng_state(), group=layout.dp_group)
+        dist.all_gather_object(streams, [a.streams for a in adapters], group=layout.dp_group)
     if layout.dp_rank != 0:
         return
-    for stage, params in stage_params.items():
-        d = os.path.join(folder, stage_dir_name(stage))
-        os.makedirs(d, exist_ok=True)
-        _write_json(os.path.join(d, LORA_FILE), lora_raw)
-        tensors = {name: p.detach().cpu().contiguous() for name, p in params.items()}
-        _fsync_write(os.path.join(d, ADAPTER_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        payload = {
-            "optimizer": optimizer_state_by_name(optimizer, params),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-            "scheduler": scheduler_state,
-            "global_step": state.global_step,
-            "consumed_samples": state.consumed_samples,
-            "skipped_steps": state.skipped_steps,
-            "scaler": state.scaler,
-            # RNG of every rank holding this stage, by global rank, for exact resume on the same layout
-            "rng": {layout.global_rank_of(layout.pp_rank, d_): r for d_, r in enumerate(rngs)},
-        }
-        _fsync_write(os.path.join(d, STATE_FILE), lambda tmp: torch.save(payload, tmp))
+    for k, a in enumerate(adapters):
+        for stage, params in a.stage_params.items():
+            d = os.path.join(folder, a.folder, stage_dir_name(stage))
+            os.makedirs(d, exist_ok=True)
+            _write_json(os.path.join(d, LORA_FILE), a.lora_raw)
+            tensors = {name: p.detach().cpu().contiguous() for name, p in params.items()}
+            _fsync_write(os.path.join(d, ADAPTER_FILE),
+                         lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+            payload = {
+                "optimizer": optimizer_state_by_name(a.optimizer, params),
+                "param_groups": [{k_: v for k_, v in g.items() if k_ != "params"} for g in a.optimizer.param_groups],
+                "scheduler": a.scheduler_state,
+                "global_step": a.state.global_step,
+                "consumed_samples": a.state.consumed_samples,
+                "skipped_steps": a.state.skipped_steps,
+                "scaler": a.state.scaler,
+                # RNG of every rank holding this stage, by global rank, for exact resume on the same layout
+                "rng": {layout.global_rank_of(layout.pp_rank, d_): r for d_, r in enumerate(rngs)},
+                # the adapter's dropout stream on this stage, by data-parallel rank (lora.AdapterSwitch)
+                "streams": {d_: s[k][stage] for d_, s in enumerate(streams) if s[k].get(stage) is not None},
+            }
+            _fsync_write(os.path.join(d, STATE_FILE), lambda tmp: torch.save(payload, tmp))
 
 
 def _prune(output_dir: str, keep: int) -> None:
@@ -379,9 +403,11 @@ def load_adapter(ckpt: str, meta: dict, stage_params: dict[int, dict[str, torch.
 
 
 def restore(resume: Resume, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-            optimizer: torch.optim.Optimizer, layout, seed: int) -> TrainState:
-    """Load adapter and optimizer state by tensor name (any saved stage count), plus step, data position and,
-    on an unchanged layout, every rank's RNG."""
+            optimizer: torch.optim.Optimizer, layout, seed: int, switches: dict | None = None,
+            adapter: str = "default", split: list | None = None) -> TrainState:
+    """Load adapter and optimizer state by tensor name (any saved stage count), plus step, data position and the
+    dropout streams (`switches`, by stage: lora.AdapterSwitch) where the stages and data-parallel width are
+    unchanged; on the same layout every rank's RNG too."""
     meta = resume.meta
     params = load_adapter(resume.folder, meta, stage_params, sorted(resume.states))
     by_name = {name: st for payload in resume.states.values() for name, st in payload["optimizer"].items()}
@@ -399,6 +425,16 @@ def restore(resume: Resume, stage_params: dict[int, dict[str, torch.nn.Parameter
         set_rng_state(own)
     else:
         torch.manual_seed(seed + 1000 * layout.rank + state.global_step)
-        log.info(f"resuming on another layout (saved pp={meta['pp']} dp={meta['dp']}, now pp={layout.pp} "
-                 f"dp={layout.dp}): adapter and optimizer follow their tensors, dropout RNG is re-seeded")
+    switches = switches or {}
+    kept = ([list(r) for r in meta["layer_split"]] == [list(r) for r in split or []] and int(meta["dp"]) == layout.dp
+            and all(layout.dp_rank in resume.states.get(i, {}).get("streams", {}) for i in switches))
+    for i, switch in switches.items():
+        if kept:
+            switch.streams[adapter] = resume.states[i]["streams"][layout.dp_rank]
+        else:
+            switch.seed({adapter: seed}, i, layout.dp_rank, state.global_step)
+    if switches and not kept:
+        log.info(f"resuming on other stages or data-parallel width (saved pp={meta['pp']} dp={meta['dp']} split "
+                 f"{meta['layer_split']}, now pp={layout.pp} dp={layout.dp}): adapter and optimizer follow their "
+                 "tensors, dropout is re-seeded")
     return state

@@ -48,17 +48,42 @@ def checked_quantization(cfg: Config, device: torch.device):
     return quant
 
 
-def checked_resume(cfg: Config, plan: Plan, stage_ids: list[int]) -> Resume | None:
+def checked_resume(cfg: Config, plan: Plan, stage_ids: list[int], lora_cfg=None, label: str = "") -> Resume | None:
     """The checkpoint to resume from, refused if it belongs to another model or LoRA shape; the training state
-    of the saved stages that hold this rank's stages (`stage_ids`) is loaded."""
+    of the saved stages that hold this rank's stages (`stage_ids`) is loaded. With several adapters, `label`
+    names the adapter whose subfolder is meant."""
     if not cfg.resume_peft_from_checkpoint:
         return None
     folder = resolve(cfg.resume_peft_from_checkpoint, cfg.output_dir)
     meta = read_meta(folder)
+    held = meta.get("adapters")
+    if held is not None and not label:
+        raise ConfigError(f"checkpoint {folder} holds several adapters ({', '.join(held)}); resume them together "
+                          f"with --adapters, or one alone with --resume_peft_from_checkpoint {folder}/<name>")
+    if label:
+        if held is None:
+            raise ConfigError(f"checkpoint {folder} holds one adapter, not the adapters of --adapters; resume it "
+                              "without --adapters, or start this run in another --output_dir")
+        if label not in held:
+            raise ConfigError(f"checkpoint {folder} holds the adapters {', '.join(held)} but not {label!r}; train "
+                              f"{label!r} in a run of its own, or resume with the adapters.json it was saved with")
+        folder = os.path.join(folder, label)
+        meta = read_meta(folder)
     specs = [plan.specs[i] for i in stage_ids]
     needed = stages_holding(meta, [(s.start, s.stop) for s in specs], any(s.is_first for s in specs),
                             any(s.is_last for s in specs))
-    return check_compatible(folder, meta, plan.model_config, lora_as_json(plan.lora_cfg), needed)
+    return check_compatible(folder, meta, plan.model_config, lora_as_json(lora_cfg or plan.lora_cfg), needed)
+
+
+def check_shared(specs: list, loras: list) -> None:
+    """What adapters of one run cannot hold apart: the base model's biases are one tensor for all of them."""
+    if len(specs) < 2:
+        return
+    for spec, lora in zip(specs, loras):
+        if lora.bias != "none":
+            raise ConfigError(f"adapter {spec.label!r}: bias {lora.bias!r} trains the base model's biases, which "
+                              "every adapter of the run shares; use bias \"none\" with --adapters, or train this "
+                              "adapter in a run of its own")
 
 
 def check_data_files(cfg: Config) -> None:
@@ -69,9 +94,9 @@ def check_data_files(cfg: Config) -> None:
                 raise DataError(f"{f}: the file is empty")
 
 
-def check_batch(cfg: Config, samples: int, global_batch: int, dp: int) -> None:
+def check_batch(cfg: Config, samples: int, global_batch: int, dp: int, adapter: str = "") -> None:
     if samples < global_batch:
-        raise ConfigError(f"the data has {samples} sequences but one optimizer step takes {global_batch} "
+        raise ConfigError(f"{'adapter ' + repr(adapter) + ': ' if adapter else ''}the data has {samples} sequences but one optimizer step takes {global_batch} "
                           f"(--per_device_train_batch_size {cfg.per_device_train_batch_size} x {cfg.microbatches} "
                           f"microbatches x {dp} replicas); lower --gradient_accumulation_steps or "
                           "--per_device_train_batch_size, or add data")

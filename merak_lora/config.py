@@ -41,6 +41,10 @@ class Config:
     attn_implementation: str = _help("sdpa, eager or flash_attention_2.", default="sdpa")
     lora_config: str = _help("PEFT-style LoRA config JSON (r, lora_alpha, target_modules, ...).",
                              default="configs/lora_config.json")
+    adapters: str = _help("JSON file of several adapters to train over one copy of the base, each with its own LoRA "
+                          "config, data, learning rate, batch and seed ({\"adapters\": [{\"name\": ..., "
+                          "\"lora_config\": ..., \"data_path\": ...}, ...]}); the flags are their defaults.",
+                          default="")
     list_target_modules: bool = _help("Print the model's linear module names and exit.", default=False)
     random_weights: bool = _help("Benchmarks: random base weights drawn on the device, no safetensors read "
                                  "(only config.json and the tokenizer are needed).", default=False)

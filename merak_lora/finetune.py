@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from . import failures, slurm
+from .adapters import adapter_specs
 from .checkpoint import CheckpointError, TrainState, config_hash, gather_adapter, read_latest, restore, versions
-from .checks import (check_batch, check_data_files, check_fits, checked_quantization, checked_resume,
-                     clear_previous_run, previous_run)
+from .checks import (check_batch, check_data_files, check_fits, check_shared, checked_quantization,
+                     checked_resume, clear_previous_run, previous_run)
 from .config import Config, ConfigError, help_text, parse_args, validate
 from .coordinate import Coordinator, PeerFailed
 from .data import dataset
@@ -35,7 +36,7 @@ from .optim import make_optimizer
 from .plan import build_stages, compute_dtype, list_target_modules, lora_as_json, make_plan
 from .progress import DataIdentity, run_length, saved_run, schedule_factor
 from .schedule import Pipeline, TokenLoss
-from .trainer import STOP_PREEMPT, Trainer, TrainingStopped
+from .trainer import STOP_PREEMPT, Job, Trainer, TrainingStopped, rounds
 
 log = logging.getLogger("merak_lora")
 __all__ = ["main", "run", "make_plan", "build_stages"]
@@ -64,22 +65,34 @@ def errors_shared(coord: Coordinator) -> Iterator[None]:
         raise
 
 
-def run(cfg: Config) -> TrainState:
+def run(cfg: Config) -> list[TrainState]:
+    """Train the run's adapters (one, or those of --adapters); returns each one's final state."""
     rank, world, local_rank = env_ranks()
-    validate(cfg, world)
+    specs = adapter_specs(cfg)
+    for spec in specs:
+        validate(spec.cfg, world)
     setup_logging(rank)
     if slurm.restart_count() and not cfg.resume_peft_from_checkpoint and read_latest(cfg.output_dir):
         log.info(f"Slurm restart {slurm.restart_count()} of this job: resuming from the latest checkpoint")
         cfg = dataclasses.replace(cfg, resume_peft_from_checkpoint="latest")
+        specs = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, resume_peft_from_checkpoint="latest"))
+                 for s in specs]
     stale = previous_run(cfg)
-    check_data_files(cfg)
+    for spec in specs:
+        check_data_files(spec.cfg)
     chunks, pp = cfg.chunks_per_rank(), cfg.pp or world
     v_shape = cfg.pipeline_schedule in ("zbv", "dualpipev")
-    plan = make_plan(cfg, pp * chunks, read_lora_config(cfg.lora_config))
+    plan = make_plan(cfg, pp * chunks, read_lora_config(specs[0].cfg.lora_config))
+    loras = [plan.lora_cfg] + [plan.resolve_lora(read_lora_config(s.cfg.lora_config), s.cfg.lora_config)
+                               for s in specs[1:]]
+    check_shared(specs, loras)
+    plan = dataclasses.replace(plan, adapter_numel=sum(plan.lora_numel(lora) for lora in loras))
     check_fits(cfg, plan)
-    schedule_factor(cfg, 1)  # the schedule's name and arguments
+    for spec in specs:
+        schedule_factor(spec.cfg, 1)  # the schedule's name and arguments
     quant = checked_quantization(cfg, pick_device(cfg.device, local_rank))
-    resume = checked_resume(cfg, plan, stages_of_rank(rank % pp, pp, chunks, v_shape))
+    mine = stages_of_rank(rank % pp, pp, chunks, v_shape)
+    resumes = [checked_resume(s.cfg, plan, mine, lora, s.label) for s, lora in zip(specs, loras)]
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path or cfg.weights_path,
@@ -93,70 +106,95 @@ def run(cfg: Config) -> TrainState:
         torch.manual_seed(cfg.seed + 1000 * layout.rank)
         log.info(f"{world} ranks: {layout.dp} pipeline replica(s) x {layout.pp} ranks x {chunks} stage(s) per "
                  f"rank, schedule {cfg.pipeline_schedule}, device {layout.device.type}; layer split "
-                 f"{[(s.start, s.stop) for s in plan.specs]}")
-        data = dataset.load(cfg, tokenizer, layout)
-        global_batch = cfg.per_device_train_batch_size * cfg.microbatches * layout.dp
-        check_batch(cfg, data.samples, global_batch, layout.dp)
-        identity = DataIdentity(data.records, data.tokens, data.samples, cfg.seed, cfg.packing)
-        length, state = run_length(cfg, resume, identity, global_batch, layout.dp)
-        if length.steps_left(state.consumed_samples, global_batch) == 0:
-            log.warning(f"{resume.folder} is at sample {state.consumed_samples} of {length.total_samples}: the "
-                        "run is complete; raise --max_steps or --num_train_epochs to train further")
-            return state
+                 f"{[(s.start, s.stop) for s in plan.specs]}"
+                 + (f"; {len(specs)} adapters: {', '.join(s.label for s in specs)}" if len(specs) > 1 else ""))
+        datas, runs = [], []
+        for spec, resume in zip(specs, resumes):
+            data = dataset.load(spec.cfg, tokenizer, layout, spec.label)
+            global_batch = spec.cfg.per_device_train_batch_size * spec.cfg.microbatches * layout.dp
+            check_batch(spec.cfg, data.samples, global_batch, layout.dp, spec.label)
+            identity = DataIdentity(data.records, data.tokens, data.samples, spec.cfg.seed, spec.cfg.packing)
+            datas.append(data)
+            runs.append((identity, global_batch, *run_length(spec.cfg, resume, identity, global_batch, layout.dp)))
+        if all(length.steps_left(state.consumed_samples, gb) == 0 for _, gb, length, state in runs):
+            log.warning(f"{resumes[0].folder} is at the end of the run: the run is complete; raise --max_steps "
+                        "or --num_train_epochs to train further")
+            return [state for *_, state in runs]
 
         started = time.perf_counter()
-        stages = build_stages(cfg, plan, layout, quant)
+        stages = build_stages(cfg, plan, layout, quant, [(s.name, lora, s.cfg.seed) for s, lora in zip(specs, loras)])
         for s in stages:
             s.train()
         if plan.index is not None:
             log.info(f"rank {layout.rank}: read {plan.index.report.bytes / 2**20:.1f} MiB of base weights "
                      f"({len(plan.index.report.keys)} tensors) for stages {layout.stage_ids()} in "
                      f"{time.perf_counter() - started:.1f} s")
-        stage_params = {s.spec.index: adapter_params(s.model) for s in stages}
-        params = [p for ps in stage_params.values() for p in ps.values()]
-        optimizer = make_optimizer(cfg.optim, params, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
-                                   cfg.adam_epsilon, cfg.weight_decay)
-        if resume is not None:
-            state = restore(resume, stage_params, optimizer, layout, cfg.seed)
-            log.info(f"resumed from {resume.folder} at step {state.global_step}")
+        switches = {s.spec.index: s.adapters for s in stages if s.adapters is not None}
+        split = [[s.start, s.stop] for s in plan.specs]
+        jobs = []
+        for k, (spec, lora, resume, data, (identity, global_batch, length, state)) in enumerate(
+                zip(specs, loras, resumes, datas, runs)):
+            stage_params = {s.spec.index: adapter_params(s.model, spec.name) for s in stages}
+            params = [p for ps in stage_params.values() for p in ps.values()]
+            c = spec.cfg
+            optimizer = make_optimizer(c.optim, params, c.learning_rate, (c.adam_beta1, c.adam_beta2),
+                                       c.adam_epsilon, c.weight_decay)
+            for index, switch in switches.items():
+                switch.seed({spec.name: c.seed}, index, layout.dp_rank)
+            if resume is not None:
+                state = restore(resume, stage_params, optimizer, layout, c.seed, switches, spec.name, split)
+                log.info(f"{'adapter ' + spec.label + ': ' if spec.label else ''}resumed from {resume.folder} at "
+                         f"step {state.global_step}")
+            lora_saved = {**lora_as_json(lora), "base_model_name_or_path": os.path.abspath(cfg.weights_path)}
+            meta = checkpoint_meta(c, layout, plan, lora_saved,
+                                   saved_run(length, identity, c, global_batch, layout.dp))
+            feed = StepFeed(layout, data.train, data.evals, -(-data.eval_samples // global_batch))
+            jobs.append(Job(spec, k, feed, optimizer, stage_params, length, state, meta, lora_saved, data.samples,
+                            layout.dp))
         layout.coord.barrier("stages loaded", "reading their stages' weights")
 
-    schedule = cfg.schedule_for(layout.pp)
-    if schedule != cfg.pipeline_schedule:
-        log.warning(f"{cfg.microbatches} microbatch(es) per step on {layout.pp} pipeline ranks: GPipe runs (1F1B is "
-                    f"the same schedule here) and {layout.pp - cfg.microbatches} of {layout.pp} stages idle at any "
+    microbatches = sum(j.cfg.microbatches for j in jobs if j.active)
+    if cfg.pipeline_schedule == "1f1b" and microbatches < layout.pp:
+        log.warning(f"{microbatches} microbatch(es) per step on {layout.pp} pipeline ranks: GPipe runs (1F1B is "
+                    f"the same schedule here) and {layout.pp - microbatches} of {layout.pp} stages idle at any "
                     f"moment; --gradient_accumulation_steps {4 * layout.pp} or more keeps them busy")
-    pipeline = Pipeline(stages, layout, schedule, cfg.microbatches, TokenLoss(), plan.hidden_size,
+    if len({j.cfg.per_device_train_batch_size for j in jobs}) > 1:
+        log.warning("the adapters' --per_device_train_batch_size differ: every microbatch of a step has the "
+                    "largest one's rows, the smaller ones padded with empty rows (compute spent on nothing)")
+    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(), plan.hidden_size,
                         plan.vocab_size, compute_dtype(cfg))
-    lora_saved = {**lora_as_json(plan.lora_cfg), "base_model_name_or_path": os.path.abspath(cfg.weights_path)}
-    meta = checkpoint_meta(cfg, layout, plan, lora_saved, saved_run(length, identity, cfg, global_batch, layout.dp))
-    feed = StepFeed(layout, data.train, data.evals, -(-data.eval_samples // global_batch))
-    steps = length.steps_left(state.consumed_samples, global_batch)
-    metrics = Metrics(cfg.output_dir, layout.rank == 0, state.global_step + steps, state.global_step,
-                      cfg.report_to != "none", progress=not cfg.disable_tqdm)
-    trainer = Trainer(cfg, layout, pipeline, feed, optimizer, stage_params, length, state, meta, lora_saved,
-                      metrics, data.samples)
-    log.info(f"training {steps} steps of {global_batch} sequences ({cfg.per_device_train_batch_size} per "
-             f"microbatch x {cfg.microbatches} microbatches x {layout.dp} replicas); "
-             f"{sum(p.numel() for p in params)} trainable parameters on this rank")
+    first, last = rounds(jobs)
+    metrics = Metrics(cfg.output_dir, layout.rank == 0, last, first, cfg.report_to != "none",
+                      progress=not cfg.disable_tqdm)
+    trainer = Trainer(cfg, layout, pipeline, jobs, metrics, switches)
+    for job in jobs:
+        steps = job.total_steps - job.state.global_step
+        log.info(f"{'adapter ' + job.spec.label + ': ' if job.spec.label else ''}training {steps} steps of "
+                 f"{job.global_batch} sequences ({job.cfg.per_device_train_batch_size} per microbatch x "
+                 f"{job.cfg.microbatches} microbatches x {layout.dp} replicas); "
+                 f"{sum(p.numel() for p in job.params)} trainable parameters on this rank")
     try:
-        state = trainer.train()
+        trainer.train()
     finally:
         metrics.close()
+    states = [job.state for job in jobs]
     if trainer.stopped_by:
         requeued = slurm.requeue() if layout.rank == 0 and trainer.stopped_by == STOP_PREEMPT else False
         why = "a preemption signal" if trainer.stopped_by == STOP_PREEMPT else "Ctrl-C"
-        saved = f"checkpoint-{state.global_step} is saved" if cfg.save else "nothing saved (--save false)"
-        raise Stopped(f"stopped by {why} after step {state.global_step}: {saved}"
+        saved = f"checkpoint-{trainer.round} is saved" if cfg.save else "nothing saved (--save false)"
+        raise Stopped(f"stopped by {why} after step {trainer.round}: {saved}"
                       + ("; the job is requeued" if requeued else
                          "; continue with --resume_peft_from_checkpoint latest"))
-    adapter = os.path.join(cfg.output_dir, "adapter") if cfg.save else None
-    tensors = gather_adapter(layout, stage_params) if adapter else {}
+    folders = []
+    for job in jobs:
+        folder = os.path.join(cfg.output_dir, "adapter", job.spec.label) if cfg.save else None
+        tensors = gather_adapter(layout, job.stage_params) if folder else {}
+        if layout.rank == 0 and folder:
+            write_adapter(folder, tensors, peft_config(job.meta))
+        folders.append(folder)
     if layout.rank == 0:
-        if adapter:
-            write_adapter(adapter, tensors, peft_config(meta))
-        log.info(summary(cfg, plan, layout, trainer, adapter))
-    return state
+        log.info(summary(cfg, plan, layout, trainer, folders))
+    return states
 
 
 def checkpoint_meta(cfg: Config, layout, plan, lora_saved: dict, run_info: dict) -> dict:
@@ -168,21 +206,29 @@ def checkpoint_meta(cfg: Config, layout, plan, lora_saved: dict, run_info: dict)
             "lora": lora_saved, "versions": versions(), "seed": cfg.seed, "run": run_info}
 
 
-def summary(cfg: Config, plan, layout, trainer: Trainer, adapter: str | None) -> str:
+def summary(cfg: Config, plan, layout, trainer: Trainer, adapters: list[str | None]) -> str:
     """The end-of-run line: what was trained, how fast, and where the results are."""
-    state, seconds = trainer.state, max(trainer.seconds, 1e-9)
+    jobs = trainer.jobs
+    seconds = max(trainer.seconds, 1e-9)
     rate = trainer.tokens_seen / seconds
-    parts = [f"done: {state.global_step} steps, {state.consumed_samples:,} samples, {trainer.tokens_seen:,} tokens "
-             f"in {seconds:,.0f} s ({rate:,.0f} tokens/s)"]
+    steps = ", ".join(f"{j.spec.label} {j.state.global_step}" for j in jobs) if len(jobs) > 1 else \
+        f"{jobs[0].state.global_step}"
+    samples = sum(j.state.consumed_samples for j in jobs)
+    parts = [f"done: {steps} steps, {samples:,} samples, {trainer.tokens_seen:,} tokens in {seconds:,.0f} s "
+             f"({rate:,.0f} tokens/s)"]
     peak = peak_tflops(layout.device)
     if peak:  # matmul work per token with a frozen base: forward 2N, input gradients 2N; LoRA 6 per weight
-        flops = 4 * plan.matmul_params + 6 * plan.adapter_numel
+        flops = 4 * plan.matmul_params + 6 * plan.adapter_numel / len(jobs)
         parts.append(f"MFU {rate * flops / (peak * 1e12 * layout.world):.0%} (linear layers and LoRA, of "
                      f"{peak:.0f} TFLOP/s bf16 per GPU)")
-    if trainer.best_eval is not None:
-        parts.append(f"best eval loss {trainer.best_eval[0]:.4f} at step {trainer.best_eval[1]}")
-    if adapter:
-        parts.append(f"adapter (PEFT): {adapter}")
+    for job in jobs:
+        if job.best_eval is not None:
+            who = f"{job.spec.label} " if job.spec.label else ""
+            parts.append(f"{who}best eval loss {job.best_eval[0]:.4f} at step {job.best_eval[1]}")
+    shown = [a for a in adapters if a]
+    if shown:
+        parts.append(f"adapter (PEFT): {shown[0]}" if len(shown) == 1 else
+                     f"adapters (PEFT): {os.path.dirname(shown[0])}/{{{','.join(j.spec.label for j in jobs)}}}")
     latest = read_latest(cfg.output_dir)
     if latest:
         parts.append(f"last checkpoint: {latest}")

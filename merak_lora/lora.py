@@ -7,12 +7,15 @@ and a one-process PEFT run can be set to the same start for comparison.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
 import types
+import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError
@@ -167,20 +170,94 @@ def _output_layer(lm: nn.Module) -> nn.Module | None:
 
 
 def apply_lora(lm: nn.Module, user: LoraConfig, seed: int) -> nn.Module:
-    """Wrap the stage's targeted modules with LoRA (or return the model unchanged if it owns none)."""
-    targets = stage_targets(user, lm)
+    """Wrap the stage's targeted modules with one LoRA adapter (or return the model unchanged if it owns none)."""
+    return apply_adapters(lm, [(ADAPTER, user, seed)])
+
+
+def apply_adapters(lm: nn.Module, adapters: list[tuple[str, LoraConfig, int]]) -> nn.Module:
+    """Wrap the stage's targeted modules with every (name, config, seed) adapter, each initialised as it would be
+    alone (PEFT's multi-adapter model: one base layer, an entry per adapter in lora_A/lora_B). Every adapter's
+    tensors train; which one a forward uses is chosen per microbatch (AdapterSwitch)."""
+    targets = [stage_targets(user, lm) for _, user, _ in adapters]  # before wrapping renames the modules
     for p in lm.parameters():
         p.requires_grad_(False)
-    if not targets and not user.target_parameters:
+    model = lm
+    for (name, user, seed), mine in zip(adapters, targets):
+        if not mine and not user.target_parameters:
+            continue
+        # init_lora_weights=False skips PEFT's own random init; init_adapter below sets every tensor.
+        cfg = dataclasses.replace(user, target_modules=mine, inference_mode=False, init_lora_weights=False)
+        with warnings.catch_warnings():  # a short adapter name inside PEFT's "lora_" prefix only matters to
+            warnings.simplefilter("ignore")  # PEFT's own loader; names are stripped from the saved keys here
+            if model is lm:
+                model = get_peft_model(lm, cfg, adapter_name=name, autocast_adapter_dtype=True)
+            else:
+                model.add_adapter(name, cfg, autocast_adapter_dtype=True)
+        init_adapter(model, seed, user.init_lora_weights, name)
+    if model is lm:
         return lm
-    # init_lora_weights=False skips PEFT's own random init; init_adapter below sets every tensor.
-    cfg = dataclasses.replace(user, target_modules=targets, inference_mode=False, init_lora_weights=False)
-    model = get_peft_model(lm, cfg, autocast_adapter_dtype=True)
-    init_adapter(model, seed, user.init_lora_weights)
+    for n, p in model.named_parameters():  # PEFT leaves only the active adapter trainable
+        if ".lora_" in n:
+            p.requires_grad_(True)
     for mod in model.modules():
         if type(mod) is LoraLinear:
             mod.forward = types.MethodType(_lora_linear_forward, mod)
     return model
+
+
+class AdapterSwitch:
+    """Which of a stage's adapters runs, chosen per microbatch, and each adapter's own dropout stream.
+
+    A stream is a generator state per (adapter, stage, data-parallel rank), swapped in for that adapter's forwards
+    only, so an adapter's dropout masks do not depend on which other adapters share the pipeline, nor on how the
+    stages are placed on ranks. Recomputation (gradient checkpointing) restores the state torch saved at the
+    forward, and `selected` puts the adapter back for it."""
+
+    def __init__(self, model: nn.Module, names: list[str], device: torch.device):
+        self.names = names
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self.layers:  # a layer PEFT made for a later adapter starts with that one active
+            layer._active_adapter = names[0]
+        self.current = names[0]
+        self.generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
+            else torch.default_generator
+        self.streams: dict[str, torch.Tensor] = {}
+
+    def seed(self, seeds: dict[str, int], stage: int, dp_rank: int, step: int = 0) -> None:
+        for name, seed in seeds.items():
+            g = torch.Generator(self.generator.device)
+            g.manual_seed((seed * 1_000_003 + stage * 10_007 + dp_rank * 101 + step) % (2**63))
+            self.streams[name] = g.get_state()
+
+    def _select(self, name: str) -> None:
+        if name != self.current:
+            for layer in self.layers:
+                layer._active_adapter = name
+            self.current = name
+
+    @contextlib.contextmanager
+    def selected(self, name: str) -> Iterator[None]:
+        before = self.current
+        self._select(name)
+        try:
+            yield
+        finally:
+            self._select(before)
+
+    @contextlib.contextmanager
+    def running(self, index: int) -> Iterator[None]:
+        """The forward of one microbatch of adapter `index`: its LoRA tensors and its dropout stream."""
+        name = self.names[index]
+        outer = self.generator.get_state()
+        if name in self.streams:
+            self.generator.set_state(self.streams[name])
+        try:
+            with self.selected(name):
+                yield
+        finally:
+            if name in self.streams:
+                self.streams[name] = self.generator.get_state()
+            self.generator.set_state(outer)
 
 
 def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -229,13 +306,15 @@ def merge_for_generation(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def init_adapter(model: nn.Module, seed: int, how: bool | str = True) -> None:
-    """Initialise every LoRA tensor from (seed, its global name), whatever the stage layout.
+def init_adapter(model: nn.Module, seed: int, how: bool | str = True, adapter: str = ADAPTER) -> None:
+    """Initialise every LoRA tensor of `adapter` from (seed, its global name), whatever the stage layout.
 
     `how` is PEFT's init_lora_weights: True (A uniform, B zero), "gaussian", or False (B random too,
     so the adapter is not the identity at step 0; useful to make every gradient non-zero in tests)."""
     for name, p in model.named_parameters():
-        key = canonical_name(name)
+        if not _of_adapter(name, adapter):
+            continue
+        key = canonical_name(name, adapter)
         kind = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.|$)", key)
         if kind is None:  # e.g. DoRA's magnitude vector, which PEFT derives from the base weight
             continue
@@ -253,13 +332,17 @@ def init_adapter(model: nn.Module, seed: int, how: bool | str = True) -> None:
         p.copy_(w)
 
 
-def canonical_name(param_name: str) -> str:
+def _of_adapter(param_name: str, adapter: str) -> bool:
+    return re.search(rf"\.lora_\w+\.{re.escape(adapter)}(\.|$)", param_name) is not None
+
+
+def canonical_name(param_name: str, adapter: str = ADAPTER) -> str:
     """PEFT's saved key for a parameter: `base_model.model.<module path>.lora_A.weight` (no adapter name)."""
-    return re.sub(rf"\.{ADAPTER}(?=\.|$)", "", param_name)
+    return re.sub(rf"(\.lora_\w+)\.{re.escape(adapter)}(?=\.|$)", r"\1", param_name)
 
 
-def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter parameters of a stage (LoRA tensors, and biases when bias training is on), keyed by their
-    canonical (global PEFT) names; frozen ones too, as in inference mode."""
-    return {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad or ".lora_" in n}
-
+def adapter_params(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Parameter]:
+    """One adapter's parameters on a stage (its LoRA tensors, and the biases when bias training is on), keyed by
+    their canonical (global PEFT) names; frozen ones too, as in inference mode."""
+    return {canonical_name(n, adapter): p for n, p in model.named_parameters()
+            if _of_adapter(n, adapter) or (p.requires_grad and ".lora_" not in n)}

@@ -68,20 +68,28 @@ class Metrics:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-    def advance(self, loss: float | None = None, steps: int = 1) -> None:
-        """One step done; `loss` is the mean over the `steps` since the last log line, the number the next log
-        line will show, so the bar and the log agree."""
-        if self.bar is not None:
-            self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix_str(f"loss {loss:.4f} (mean of the last {steps} step{'s' * (steps > 1)})",
-                                         refresh=False)
+    def advance(self, losses: dict[str, tuple[float, int]]) -> None:
+        """One step done; `losses` holds, by adapter label ("" alone), the mean loss over the steps since its
+        last log line and how many steps that is: the numbers the next log line will show, so bar and log agree."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if len(losses) == 1 and "" in losses:
+            loss, steps = losses[""]
+            self.bar.set_postfix_str(f"loss {loss:.4f} (mean of the last {steps} step{'s' * (steps > 1)})",
+                                     refresh=False)
+        elif losses:
+            self.bar.set_postfix_str(" ".join(f"{k} {v[0]:.4f}" for k, v in losses.items()), refresh=False)
 
-    def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
+    def log(self, step: int, values: dict[str, float], prefix: str = "train", adapter: str = "",
+            total: int | None = None) -> None:
+        """One line of `values` at `step`; an adapter's (of several) are named `<adapter>/loss` in TensorBoard,
+        `<adapter>/eval_loss` for its eval, and carry "adapter" in metrics.jsonl."""
         if not self.enabled:
             return
-        head = f"step {step}/{self.total}" if prefix == "train" else f"{prefix} at step {step}/{self.total}"
-        parts = [head] + [f"{k} {_fmt(v)}" for k, v in values.items()]
+        total = total or self.total
+        head = f"step {step}/{total}" if prefix == "train" else f"{prefix} at step {step}/{total}"
+        parts = ([f"[{adapter}] {head}"] if adapter else [head]) + [f"{k} {_fmt(v)}" for k, v in values.items()]
         line = " | ".join(parts)
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
@@ -89,9 +97,12 @@ class Metrics:
             log.info(line)
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                tag = f"{prefix}/{k}" if not adapter else f"{adapter}/{k}" if prefix == "train" \
+                    else f"{adapter}/{prefix}_{k}"
+                self.writer.add_scalar(tag, v, step)
             self.writer.flush()
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **values}) + "\n")
+        record = {"step": step, "split": prefix, **({"adapter": adapter} if adapter else {}), "time": time.time()}
+        self.jsonl.write(json.dumps({**record, **values}) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:

@@ -50,6 +50,17 @@ class Plan:
     vocab_size: int
     adapter_numel: int = 0
     matmul_params: int = 0    # weights of the linear layers and the head: what a token's matmuls read
+    names: tuple = ((), (), ())   # the skeleton's adaptable modules, its layers' linear leaves, its parameters
+    skeleton: Any = dataclasses.field(default=None, repr=False)   # on meta: sizes other adapters' tensors
+
+    def resolve_lora(self, raw: dict, source: str):
+        """Another adapter's LoRA config, checked against this model like the plan's own."""
+        modules, leaves, params = self.names
+        return build_lora_config(raw, self.model_config.model_type, list(modules), list(leaves), source=source,
+                                 param_names=list(params))
+
+    def lora_numel(self, lora_cfg) -> int:
+        return adapter_numel(lora_cfg, self.skeleton)
 
 
 def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
@@ -64,9 +75,10 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
     module_names = [n for n, m in skeleton.named_modules() if is_adaptable(m)]
+    names = (tuple(module_names), tuple(linear_names(skeleton, parts)), tuple(n for n, _ in skeleton.named_parameters()))
     lora_cfg = None if lora_raw is None else build_lora_config(
-        lora_raw, model_config.model_type, module_names, linear_names(skeleton, parts), source=cfg.lora_config,
-        param_names=[n for n, _ in skeleton.named_parameters()])
+        lora_raw, model_config.model_type, module_names, list(names[1]), source=cfg.lora_config,
+        param_names=list(names[2]))
     specs = plan_stages(skeleton, parts, num_stages, cfg.partition_method)
     numel = adapter_numel(lora_cfg, skeleton) if lora_cfg is not None else 0
     matmul = sum(m.weight.numel() for m in skeleton.modules() if is_linear(m))
@@ -76,16 +88,17 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     text = text_config(model_config)
     # the layers' width (OPT projects its narrower embeddings up to it); remote code may only have the embedding
     hidden = getattr(text, "hidden_size", None) or embed.embedding_dim
-    return Plan(model_config, specs, lora_cfg, index, hidden, vocab, numel, matmul)
+    return Plan(model_config, specs, lora_cfg, index, hidden, vocab, numel, matmul, names, skeleton)
 
 
-def build_stages(cfg: Config, plan: Plan, layout, quant=None) -> list:
-    """This rank's stages, each holding only its own weights (and LoRA when the plan has a config)."""
+def build_stages(cfg: Config, plan: Plan, layout, quant=None, adapters: list | None = None) -> list:
+    """This rank's stages, each holding only its own weights, and LoRA: the plan's config, or every
+    (name, LoraConfig, seed) of `adapters`."""
     return [build_stage(plan.specs[i], plan.model_config, plan.index, device=layout.device,
                         dtype=compute_dtype(cfg), lora_config=plan.lora_cfg, seed=cfg.seed,
                         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
                         gradient_checkpointing=cfg.gradient_checkpointing, tie=not cfg.no_tie_modules, quant=quant,
-                        compile=cfg.compile)
+                        compile=cfg.compile, adapters=adapters)
             for i in layout.stage_ids()]
 
 

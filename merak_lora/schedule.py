@@ -36,15 +36,31 @@ class TokenLoss:
     batch, so microbatch losses (and their gradients) add up to the global token mean on every layout.
 
     `scale` is the fp16 loss scale (1 otherwise). Given the last stage's frozen `head`, the output is the final
-    hidden states and the head is applied here a chunk of tokens at a time (see _HeadLoss)."""
+    hidden states and the head is applied here a chunk of tokens at a time (see _HeadLoss).
+
+    With several adapters in one step each microbatch has its own factor (its adapter's loss scale over its
+    adapter's token count): `per_microbatch` sets them for a step, and the calls take them in turn, since a
+    schedule computes the losses in microbatch order (torch's schedules index them by that order)."""
 
     def __init__(self, chunk_elements: int = 1 << 26) -> None:
         self.normalizer = 1.0
         self.scale = 1.0
         self.chunk_elements = chunk_elements  # logits held at once by the chunked loss (256 MiB in fp32)
+        self._factors: list[float] = []
+        self._calls = 0
+
+    def per_microbatch(self, factors: list[float]) -> None:
+        self._factors, self._calls = list(factors), 0
+
+    def _factor(self) -> float:
+        if not self._factors:
+            return self.scale / self.normalizer
+        factor = self._factors[self._calls % len(self._factors)]
+        self._calls += 1
+        return factor
 
     def __call__(self, out: torch.Tensor, targets: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
-        factor = self.scale / self.normalizer
+        factor = self._factor()
         if head is not None:
             rows = max(1, self.chunk_elements // head.out_features)
             want_grad = torch.is_grad_enabled() and out.requires_grad
@@ -142,8 +158,9 @@ class Pipeline:
         out = meta(mbs, seq, self.vocab_size, dtype=torch.float32) if logits else meta(mbs, seq, self.hidden_size)
         return inp, out
 
-    def _schedule(self, mbs: int, seq: int, with_loss: bool = True) -> Any:
-        key = (mbs, seq, with_loss)
+    def _schedule(self, mbs: int, seq: int, with_loss: bool = True, microbatches: int | None = None) -> Any:
+        n = microbatches or self.microbatches
+        key = (mbs, seq, with_loss, n)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
@@ -152,46 +169,59 @@ class Pipeline:
             inp, out = self._io_meta(stage, mbs, seq, with_loss)
             pstages.append(PipelineStage(stage, stage.spec.index, stage.spec.num_stages, self.layout.device,
                                          input_args=(inp,), output_args=(out,), group=self.layout.pp_group))
-        cls = SCHEDULE_CLASSES[self.name]
-        target = pstages[0] if self.name in SINGLE_STAGE else pstages
-        sched = cls(target, n_microbatches=self.microbatches, loss_fn=self._loss if with_loss else None,
-                    scale_grads=False)
+        # with fewer microbatches than pipeline ranks 1F1B has no steady state and is GPipe (torch refuses it)
+        name = "gpipe" if self.name == "1f1b" and n < self.layout.pp else self.name
+        cls = SCHEDULE_CLASSES[name]
+        target = pstages[0] if name in SINGLE_STAGE else pstages
+        sched = cls(target, n_microbatches=n, loss_fn=self._loss if with_loss else None, scale_grads=False)
         self._schedules[key] = sched
         if len(self._schedules) > 2:
             self._schedules.popitem(last=False)
         return sched
 
-    def _on_device(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-        """What of the batch this rank's stages use, on its device (a middle stage gets only packed positions)."""
+    def _on_device(self, batch: Batch, owners: list[int] | None) -> tuple[torch.Tensor | None,
+                                                                         torch.Tensor | None, dict]:
+        """What of the batch this rank's stages use, on its device (a middle stage gets only packed positions),
+        and, per row on the CPU, the adapter each microbatch belongs to."""
         dev = self.layout.device
         kwargs = {} if batch.position_ids is None else {"position_ids": batch.position_ids.to(dev)}
+        if owners is not None:
+            kwargs["adapter"] = torch.tensor(owners).repeat_interleave(batch.shape[0] // len(owners))
         ids = batch.input_ids.to(dev) if self.holds_first else None
         targets = batch.targets.to(dev) if self.holds_last else None
         return ids, targets, kwargs
 
     def step(self, batch: Batch) -> torch.Tensor | None:
         """Forward and backward of every microbatch; the summed (scaled) loss where the last stage lives."""
-        ids, targets, kwargs = self._on_device(batch)
+        losses = self.step_losses(batch)
+        return torch.stack(losses).sum() if losses is not None else None
+
+    def step_losses(self, batch: Batch, owners: list[int] | None = None) -> list[torch.Tensor] | None:
+        """Forward and backward of every microbatch (microbatch i runs adapter owners[i]); each microbatch's
+        (scaled) loss where the last stage lives."""
+        ids, targets, kwargs = self._on_device(batch, owners)
+        n = len(owners) if owners is not None else self.microbatches
         if self.layout.pp == 1:
             with self._head_in_loss():
-                return self._local_step(ids, targets, kwargs, backward=True)
+                return self._local_step(ids, targets, kwargs, n, backward=True)
         rows, width = batch.shape
-        sched = self._schedule(rows // self.microbatches, width)
+        sched = self._schedule(rows // n, width, microbatches=n)
         args = (ids,) if self.holds_first else ()
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         with self._head_in_loss():
             sched.step(*args, target=targets if self.holds_last else None, losses=losses, **kwargs)
-        return torch.stack([l.detach() for l in losses]).sum() if losses else None
+        return [loss.detach() for loss in losses] if losses is not None else None
 
     @torch.no_grad()
-    def evaluate(self, batch: Batch) -> torch.Tensor | None:
+    def evaluate(self, batch: Batch, owners: list[int] | None = None) -> torch.Tensor | None:
         """Forward only: the summed loss of the microbatches where the last stage lives (eval split)."""
-        ids, targets, kwargs = self._on_device(batch)
+        ids, targets, kwargs = self._on_device(batch, owners)
+        n = len(owners) if owners is not None else self.microbatches
         if self.layout.pp == 1:
             with self._head_in_loss():
-                return self._local_step(ids, targets, kwargs, backward=False)
+                return torch.stack(self._local_step(ids, targets, kwargs, n, backward=False)).sum()
         rows, width = batch.shape
-        sched = self._schedule(rows // self.microbatches, width)
+        sched = self._schedule(rows // n, width, microbatches=n)
         losses: list[torch.Tensor] | None = [] if self.holds_last else None
         with self._head_in_loss():
             sched.eval(*((ids,) if self.holds_first else ()), target=targets if self.holds_last else None,
@@ -207,18 +237,18 @@ class Pipeline:
         sched = self._schedule(ids.shape[0] // self.microbatches, ids.shape[1], with_loss=False)
         return sched.step(*((ids,) if self.holds_first else ()))
 
-    def _local_step(self, ids: torch.Tensor, targets: torch.Tensor, kwargs: dict, backward: bool) -> torch.Tensor:
-        """One stage holds the whole model: plain gradient accumulation over the microbatches (or, without
-        backward, just their summed loss)."""
+    def _local_step(self, ids: torch.Tensor, targets: torch.Tensor, kwargs: dict, n: int,
+                    backward: bool) -> list[torch.Tensor]:
+        """One stage holds the whole model: plain gradient accumulation over the n microbatches (or, without
+        backward, just their losses)."""
         stage = self.stages[0]
-        total = torch.zeros((), device=ids.device)
-        for mb_ids, mb_targets, mb_kw in zip(ids.chunk(self.microbatches), targets.chunk(self.microbatches),
-                                            _chunk_kwargs(kwargs, self.microbatches)):
+        losses = []
+        for mb_ids, mb_targets, mb_kw in zip(ids.chunk(n), targets.chunk(n), _chunk_kwargs(kwargs, n)):
             loss = self._loss(stage(mb_ids, **mb_kw), mb_targets)
             if backward:
                 loss.backward()
-            total += loss.detach()
-        return total
+            losses.append(loss.detach())
+        return losses
 
 
 def _chunk_kwargs(kwargs: dict, n: int) -> list[dict]:

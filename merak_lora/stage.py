@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import ConfigError
-from .lora import apply_lora
+from .lora import ADAPTER, AdapterSwitch, apply_adapters
 from .models import ModelParts, find_parts
 from .fp8 import BlockScaled
 from .quant import Fp8, Quantization, quantized_linear, takes
@@ -168,9 +168,17 @@ def plan_stages(lm: nn.Module, parts: ModelParts, num_stages: int, method: str) 
     return [StageSpec(i, num_stages, a, b) for i, (a, b) in enumerate(layer_ranges(counts))]
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, switch: AdapterSwitch | None):
+    """The layer recomputed in the backward, with the adapter its forward ran (the RNG state torch restores)."""
     def run(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if switch is None:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        name = switch.current
+
+        def again(*a: Any, **k: Any) -> Any:
+            with switch.selected(name):
+                return forward(*a, **k)
+        return checkpoint(again, *args, use_reentrant=False, **kwargs)
     return run
 
 
@@ -181,11 +189,12 @@ class Stage(nn.Module):
     With `emit_hidden` set, a last stage whose `loss_head` is not None stops before its head and returns the
     final hidden states: the loss applies the head itself, chunk by chunk (schedule.TokenLoss)."""
 
-    def __init__(self, model: nn.Module, spec: StageSpec, parts: ModelParts):
+    def __init__(self, model: nn.Module, spec: StageSpec, parts: ModelParts, switch: AdapterSwitch | None = None):
         super().__init__()
         self.model = model
         self.spec = spec
         self.parts = parts
+        self.adapters = switch
         self.emit_hidden = False
         self._running = False
         self._received: torch.Tensor | None = None
@@ -237,9 +246,16 @@ class Stage(nn.Module):
         if self._running and self.emit_hidden:
             raise StageOutput(args[0])
 
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """kwargs go to the model's forward: position_ids when packed; attention_mask, past_key_values and
-        use_cache when generating."""
+        use_cache when generating. `adapter` (training) holds, per row, the index of the adapter the microbatch
+        belongs to (all rows of a microbatch have the same), on the CPU."""
+        if adapter is not None and self.adapters is not None:
+            with self.adapters.running(int(adapter[0])):
+                return self._forward(x, **kwargs)
+        return self._forward(x, **kwargs)
+
+    def _forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         kwargs.setdefault("use_cache", False)
         # The transformers model itself (PEFT's LoRA layers sit inside it): PEFT's wrapper refuses inputs_embeds
         # for some families (MPT), and adds nothing else for LoRA.
@@ -362,8 +378,11 @@ def materialize(lm: nn.Module, keys: KeyMap | RandomWeights, device: torch.devic
 def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: torch.device, dtype: torch.dtype,
                 lora_config=None, seed: int = 0, trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                 gradient_checkpointing: bool = False, tie: bool = True, quant: Quantization | Fp8 | None = None,
-                compile: bool = False) -> Stage:
-    """Everything one stage needs, touching only its own weights."""
+                compile: bool = False, adapters: list | None = None) -> Stage:
+    """Everything one stage needs, touching only its own weights. `adapters` lists (name, LoraConfig, seed) for
+    several adapters over one base; `lora_config` and `seed` are the one-adapter case."""
+    if adapters is None:
+        adapters = [(ADAPTER, lora_config, seed)] if lora_config is not None else []
     lm = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     parts = find_parts(lm, config)
     aliases = _alias_groups(lm)
@@ -371,14 +390,18 @@ def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: t
     keys = KeyMap(lm, index) if index is not None else RandomWeights(lm, device)
     prune(lm, parts, spec)
     materialize(lm, keys, device, dtype, aliases, tie=tie, quant=quant, layers=parts.layers)
-    model = apply_lora(lm, lora_config, seed) if lora_config is not None else lm
-    stage = Stage(model, spec, parts)
+    model = apply_adapters(lm, adapters) if adapters else lm
+    switch = AdapterSwitch(model, [a[0] for a in adapters], device) if adapters else None
+    stage = Stage(model, spec, parts, switch)
     layers = stage.layers()
+    if compile and len(adapters) > 1:
+        # one graph per adapter (and per train/eval mode) for the same layer code; torch's default keeps 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(adapters))
     for i in range(spec.start, spec.stop):
         # Each layer's own forward is compiled (the hooks around it stay eager); every layer of a family has the
         # same code, so one compiled graph serves them all.
         if compile:
             layers[i].forward = torch.compile(layers[i].forward)
         if gradient_checkpointing:
-            layers[i].forward = _checkpointed(layers[i].forward)
+            layers[i].forward = _checkpointed(layers[i].forward, switch)
     return stage

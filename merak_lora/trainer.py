@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .checkpoint import TrainState, save_checkpoint
+from .adapters import AdapterSpec
+from .checkpoint import SavedAdapter, TrainState, save_checkpoint
 from .config import Config
+from .data import Batch, interleave
 from .feed import StepFeed
 from .layout import Layout
+from .lora import AdapterSwitch
 from .metrics import Metrics
 from .optim import LossScale
 from .progress import LearningRate, RunLength
@@ -53,179 +56,235 @@ class StepResult:
     times: dict[str, float] = field(default_factory=dict)
 
 
-class Trainer:
-    def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, feed: StepFeed,
-                 optimizer: torch.optim.Optimizer, stage_params: dict[int, dict[str, torch.nn.Parameter]],
-                 run: RunLength, state: TrainState, meta: dict, lora_saved: dict, metrics: Metrics,
-                 epoch_samples: int):
-        self.cfg, self.layout, self.pipeline, self.feed = cfg, layout, pipeline, feed
-        self.eval_every = cfg.eval_steps or cfg.save_steps
-        self.optimizer = optimizer
-        self.stage_params = stage_params
+class Job:
+    """One adapter's training: its data, optimizer, learning rate, loss scale and progress. A run trains one
+    Job, or with --adapters several over the same stages, each exactly as it would train alone."""
+
+    def __init__(self, spec: AdapterSpec, index: int, feed: StepFeed, optimizer: torch.optim.Optimizer,
+                 stage_params: dict[int, dict[str, torch.nn.Parameter]], run: RunLength, state: TrainState,
+                 meta: dict, lora_saved: dict, epoch_samples: int, dp: int):
+        self.spec, self.cfg, self.index, self.feed = spec, spec.cfg, index, feed
+        self.optimizer, self.stage_params = optimizer, stage_params
         self.params = [p for ps in stage_params.values() for p in ps.values()]
-        self.run = run
-        self.global_batch = cfg.per_device_train_batch_size * cfg.microbatches * layout.dp
-        self.total_steps = state.global_step + run.steps_left(state.consumed_samples, self.global_batch)
+        self.run, self.state, self.meta, self.lora_saved = run, state, meta, lora_saved
         self.epoch_samples = epoch_samples
-        self.state = state
-        self.meta, self.lora_saved, self.metrics = meta, lora_saved, metrics
-        self.lr = LearningRate(cfg, run)
-        self.scale = LossScale(cfg.fp16)
+        self.global_batch = spec.cfg.per_device_train_batch_size * spec.cfg.microbatches * dp
+        self.total_steps = state.global_step + run.steps_left(state.consumed_samples, self.global_batch)
+        self.lr = LearningRate(spec.cfg, run)
+        self.scale = LossScale(spec.cfg.fp16)
         if state.scaler:
             self.scale.load_state_dict(state.scaler)
+        self.window: list[StepResult] = []
+        self.window_start = time.perf_counter()
+        self.tokens_seen = 0
+        self.best_eval: tuple[float, int] | None = None   # (loss, step)
+
+    @property
+    def active(self) -> bool:
+        return self.state.global_step < self.total_steps
+
+    def batch(self) -> Batch:
+        consumed, run = self.state.consumed_samples, self.run
+        return self.feed.batch(consumed - run.data_offset, run.total_samples - run.data_offset)
+
+
+def rounds(jobs: list[Job]) -> tuple[int, int]:
+    """Where the run's step count (what names checkpoint-N) starts and ends: with one adapter its own steps; with
+    several, one step of each adapter still training is one step of the run."""
+    start = max(j.state.global_step for j in jobs)
+    return start, start + max(j.total_steps - j.state.global_step for j in jobs)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, layout: Layout, pipeline: Pipeline, jobs: list[Job], metrics: Metrics,
+                 switches: dict[int, AdapterSwitch]):
+        self.cfg, self.layout, self.pipeline, self.jobs = cfg, layout, pipeline, jobs
+        self.eval_every = cfg.eval_steps or cfg.save_steps
+        self.metrics = metrics
+        self.switches = switches          # by stage: the dropout streams a checkpoint keeps
+        self.round = rounds(jobs)[0]
         self._stop_signal = 0.0
         self.stopped_by = 0.0            # the stop request the loop ended on (0: it ran to the end)
         self.last_saved = -1
-        self.tokens_seen = 0
         self.seconds = 0.0
-        self.best_eval: tuple[float, int] | None = None   # (loss, step)
 
-    # --- one optimizer step ------------------------------------------------------------------------------
-    def step(self) -> StepResult:
-        cfg, layout = self.cfg, self.layout
+    @property
+    def tokens_seen(self) -> int:
+        return sum(j.tokens_seen for j in self.jobs)
+
+    # --- one optimizer step of every adapter still training --------------------------------------------
+    def step(self) -> dict[Job, StepResult]:
+        layout = self.layout
+        jobs = [j for j in self.jobs if j.active]
         times: dict[str, float] = {}
         t = self._tick()
-        consumed, run = self.state.consumed_samples, self.run
-        batch = self.feed.batch(consumed - run.data_offset, run.total_samples - run.data_offset)
+        batches = [j.batch() for j in jobs]
+        batch, owners = interleave(batches, [j.cfg.microbatches for j in jobs])
         if self.pipeline.holds_last:
-            self.pipeline.loss_fn.normalizer = max(1, self._dp_sum(batch.targets_count))
-        self.pipeline.loss_fn.scale = self.scale.scale
-        times["data"], t = self._tock(t)
+            counts = self._dp_sum([b.targets_count for b in batches])
+            self.pipeline.loss_fn.per_microbatch([jobs[o].scale.scale / max(1, counts[o]) for o in owners])
+        times["data"], t = self._tick_tock(t)
 
-        loss = self.pipeline.step(batch)
-        times["pipeline"], t = self._tock(t)
+        losses = self.pipeline.step_losses(batch, [jobs[o].index for o in owners])
+        times["pipeline"], t = self._tick_tock(t)
 
-        self._all_reduce_grads()
-        local_sq = sum((p.grad.float().pow(2).sum() for p in self.params if p.grad is not None),
-                       torch.zeros((), device=layout.device))
-        shared = torch.stack([
-            loss if loss is not None else torch.zeros((), device=layout.device),
-            local_sq / layout.dp,   # every dp replica now holds the same gradients
-            torch.tensor(float(batch.tokens if layout.pp_rank == 0 else 0), device=layout.device),
-            torch.tensor(float(self._stop_signal == STOP_INTERRUPT), device=layout.device),
-            torch.tensor(float(self._stop_signal == STOP_PREEMPT), device=layout.device),
-        ]).float()
+        self._all_reduce_grads([p for j in jobs for p in j.params])
+        zero = torch.zeros((), device=layout.device)
+        rows = []
+        for k, (job, b) in enumerate(zip(jobs, batches)):
+            mine = [loss for loss, o in zip(losses or [], owners) if o == k]
+            local_sq = sum((p.grad.float().pow(2).sum() for p in job.params if p.grad is not None), zero)
+            rows += [torch.stack(mine).sum() if mine else zero,
+                     local_sq / layout.dp,   # every dp replica now holds the same gradients
+                     torch.tensor(float(b.tokens if layout.pp_rank == 0 else 0), device=layout.device)]
+        shared = torch.stack([*rows, torch.tensor(float(self._stop_signal == STOP_INTERRUPT), device=layout.device),
+                              torch.tensor(float(self._stop_signal == STOP_PREEMPT), device=layout.device)]).float()
         if dist.is_initialized():
             dist.all_reduce(shared)
-        stop = STOP_PREEMPT if shared[4].item() > 0 else STOP_INTERRUPT if shared[3].item() > 0 else 0.0
-        scale = self.scale.scale
-        loss_val = shared[0].item() / scale
-        grad_norm = math.sqrt(max(shared[1].item(), 0.0)) / scale if math.isfinite(shared[1].item()) else math.inf
-        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
-        lr = self.lr.at(consumed)
+        values = shared.tolist()
+        stop = STOP_PREEMPT if values[-1] > 0 else STOP_INTERRUPT if values[-2] > 0 else 0.0
+        results = {job: self._update(job, *values[3 * k:3 * k + 3], stop) for k, job in enumerate(jobs)}
+        times["optimizer"], t = self._tick_tock(t)
+        for r in results.values():
+            r.times = times
+        return results
 
+    def _update(self, job: Job, loss_sum: float, sq: float, tokens: float, stop: float) -> StepResult:
+        """One adapter's optimizer step from its agreed loss and squared gradient norm: clipping, learning rate
+        and loss scale are its own; a non-finite step is skipped for this adapter only."""
+        cfg, consumed = job.cfg, job.state.consumed_samples
+        scale = job.scale.scale
+        loss_val = loss_sum / scale
+        grad_norm = math.sqrt(max(sq, 0.0)) / scale if math.isfinite(sq) else math.inf
+        finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+        lr = job.lr.at(consumed)
         if finite:
             clip = cfg.max_grad_norm / (grad_norm + 1e-6) if cfg.max_grad_norm > 0 else 1.0
             factor = min(clip, 1.0) / scale
-            for p in self.params:
+            for p in job.params:
                 if p.grad is not None:
                     p.grad.mul_(factor)
-            for group in self.optimizer.param_groups:
+            for group in job.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.step()
-            self.state.skipped_steps = 0
+            job.optimizer.step()
+            job.state.skipped_steps = 0
         else:
-            self.state.skipped_steps += 1
-        self.scale.update(overflow=not finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        times["optimizer"], t = self._tock(t)
+            job.state.skipped_steps += 1
+        job.scale.update(overflow=not finite)
+        job.optimizer.zero_grad(set_to_none=True)
+        job.state.global_step += 1
+        job.state.consumed_samples = min(consumed + job.global_batch, job.run.total_samples)
+        job.state.scaler = job.scale.state_dict()
+        return StepResult(loss_val, grad_norm, not finite, int(tokens), stop, lr)
 
-        self.state.global_step += 1
-        self.state.consumed_samples = min(consumed + self.global_batch, run.total_samples)
-        self.state.scaler = self.scale.state_dict()
-        return StepResult(loss_val, grad_norm, not finite, int(shared[2].item()), stop, lr, times)
-
-    def _all_reduce_grads(self) -> None:
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Average LoRA gradients across data-parallel replicas (summed: the loss is already a global mean)."""
-        if self.layout.dp == 1 or not self.params:
+        if self.layout.dp == 1 or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat, group=self.layout.dp_group)
         offset = 0
-        for p, g in zip(self.params, grads):
+        for p, g in zip(params, grads):
             n = g.numel()
             p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
 
-    def _dp_sum(self, value: int) -> int:
+    def _dp_sum(self, values: list[int]) -> list[int]:
         if self.layout.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.layout.device)
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.layout.device)
         dist.all_reduce(t, group=self.layout.dp_group)
-        return int(t.item())
+        return [int(v) for v in t.tolist()]
 
     def _tick(self) -> float:
         if self.cfg.wall_clock_breakdown and self.layout.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def _tock(self, start: float) -> tuple[float, float]:
+    def _tick_tock(self, start: float) -> tuple[float, float]:
         now = self._tick()
         return now - start, now
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def train(self) -> TrainState:
-        """Run to the last step, or until a preemption signal: then finish the step, save, and return with
-        `self.stopped_by` set."""
-        cfg = self.cfg
+    def train(self) -> None:
+        """Run every adapter to its last step, or until a stop signal: then finish the step, save, and return
+        with `self.stopped_by` set."""
         handled = (*PREEMPTION_SIGNALS, signal.SIGINT)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in handled} if _main_thread() else {}
-        window: list[StepResult] = []
-        window_start = started = time.perf_counter()
+        started = time.perf_counter()
         try:
-            while self.state.global_step < self.total_steps:
-                result = self.step()
-                window.append(result)
-                self.tokens_seen += result.tokens
-                good = [r.loss for r in window if not r.skipped]
-                self.metrics.advance(sum(good) / len(good) if good else None, len(window))
-                step = self.state.global_step
-                if result.skipped:
-                    log.warning(f"step {step}: non-finite loss or gradient (loss {result.loss}, grad norm "
-                                f"{result.grad_norm}); step skipped on every rank "
-                                f"({self.state.skipped_steps} in a row)")
-                    # fp16 overflows are the loss scale's business until it cannot shrink any further
-                    if self.state.skipped_steps > cfg.max_skipped_steps and self.scale.scale <= 1.0:
-                        self._save(step)
-                        raise TrainingStopped(
-                            f"{self.state.skipped_steps} non-finite steps in a row (limit --max_skipped_steps "
-                            f"{cfg.max_skipped_steps}); the last good adapter is saved in "
-                            f"{cfg.output_dir}/checkpoint-{step}. Lower --learning_rate or check the data.")
-                if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    self._log(step, window, time.perf_counter() - window_start)
-                    window, window_start = [], time.perf_counter()
-                if self.feed.eval_steps and (step % self.eval_every == 0 or step == self.total_steps):
-                    loss = self.evaluate()
-                    self.metrics.log(step, {"loss": loss}, prefix="eval")
-                    if self.best_eval is None or loss < self.best_eval[0]:
-                        self.best_eval = (loss, step)
-                if cfg.save and (step % cfg.save_steps == 0 or step == self.total_steps or result.stop):
+            while any(j.active for j in self.jobs):
+                results = self.step()
+                self.round += 1
+                for job, result in results.items():
+                    job.window.append(result)
+                    job.tokens_seen += result.tokens
+                self.metrics.advance(self._running_losses())
+                finished = False
+                for job, result in results.items():
+                    finished |= self._after_step(job, result)
+                stop = next(iter(results.values())).stop
+                if self.cfg.save and (self.round % self.cfg.save_steps == 0 or finished or stop):
                     t = time.perf_counter()
-                    self._save(step)
-                    if cfg.wall_clock_breakdown:
-                        self.metrics.log(step, {"checkpoint_s": time.perf_counter() - t}, prefix="time")
-                if result.stop:
-                    self.stopped_by = result.stop
+                    self._save()
+                    if self.cfg.wall_clock_breakdown:
+                        self.metrics.log(self.round, {"checkpoint_s": time.perf_counter() - t}, prefix="time")
+                if stop:
+                    self.stopped_by = stop
                     break
         finally:
             self.seconds = time.perf_counter() - started
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return self.state
 
-    def evaluate(self) -> float:
-        """Token-mean loss over the whole eval set (every replica takes its slice of each batch)."""
+    def _running_losses(self) -> dict[str, tuple[float, int]]:
+        """Each adapter's mean loss since its last log line (what that line will show), for the progress bar."""
+        out = {}
+        for job in self.jobs:
+            good = [r.loss for r in job.window if not r.skipped]
+            if good:
+                out[job.spec.label] = (sum(good) / len(good), len(job.window))
+        return out
+
+    def _after_step(self, job: Job, result: StepResult) -> bool:
+        """Warnings, log line and eval of one adapter's step; True when it was the adapter's last."""
+        cfg, step = self.cfg, job.state.global_step
+        last = step == job.total_steps
+        if result.skipped:
+            who = f"adapter {job.spec.label}, " if job.spec.label else ""
+            log.warning(f"{who}step {step}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                        f"{result.grad_norm}); step skipped on every rank ({job.state.skipped_steps} in a row)")
+            # fp16 overflows are the loss scale's business until it cannot shrink any further
+            if job.state.skipped_steps > job.cfg.max_skipped_steps and job.scale.scale <= 1.0:
+                self._save()
+                raise TrainingStopped(
+                    f"{who}{job.state.skipped_steps} non-finite steps in a row (limit --max_skipped_steps "
+                    f"{job.cfg.max_skipped_steps}); the last good adapter is saved in "
+                    f"{cfg.output_dir}/checkpoint-{self.round}. Lower --learning_rate or check the data.")
+        if step % cfg.logging_steps == 0 or last:
+            self._log(job, step, time.perf_counter() - job.window_start)
+            job.window, job.window_start = [], time.perf_counter()
+        if job.feed.eval_steps and (step % self.eval_every == 0 or last):
+            loss = self.evaluate(job)
+            self.metrics.log(step, {"loss": loss}, prefix="eval", adapter=job.spec.label)
+            if job.best_eval is None or loss < job.best_eval[0]:
+                job.best_eval = (loss, step)
+        return last
+
+    def evaluate(self, job: Job) -> float:
+        """Token-mean loss of one adapter over its whole eval set (every replica takes its slice of each
+        batch)."""
         layout = self.layout
         loss_fn = self.pipeline.loss_fn
-        loss_fn.normalizer, loss_fn.scale = 1.0, 1.0
+        loss_fn.per_microbatch([1.0])
         total = torch.zeros((), device=layout.device)
         tokens = 0
         for stage in self.pipeline.stages:
             stage.eval()
         try:
-            for batch in self.feed.eval_batches():
-                out = self.pipeline.evaluate(batch)
+            for batch in job.feed.eval_batches():
+                out = self.pipeline.evaluate(batch, [job.index] * job.cfg.microbatches)
                 if out is not None:
                     total += out.float()
                 tokens += batch.targets_count if layout.pp_rank == 0 else 0
@@ -244,7 +303,8 @@ class Trainer:
             os._exit(130)
         self._stop_signal = max(self._stop_signal, STOP_INTERRUPT if signum == signal.SIGINT else STOP_PREEMPT)
 
-    def _log(self, step: int, window: list[StepResult], seconds: float) -> None:
+    def _log(self, job: Job, step: int, seconds: float) -> None:
+        window = job.window
         good = [r for r in window if not r.skipped]
         values = {
             "loss": sum(r.loss for r in good) / len(good) if good else math.nan,
@@ -252,15 +312,15 @@ class Trainer:
             "grad_norm": good[-1].grad_norm if good else math.nan,
             "tokens_per_s": sum(r.tokens for r in window) / max(seconds, 1e-9),
             "peak_mem_gib": self._peak_memory_gib(),
-            "epoch": (self.state.consumed_samples - self.run.data_offset) / self.epoch_samples,
+            "epoch": (job.state.consumed_samples - job.run.data_offset) / job.epoch_samples,
             "skipped_steps": sum(r.skipped for r in window),
         }
-        if self.scale.enabled:
-            values["loss_scale"] = self.scale.scale
+        if job.scale.enabled:
+            values["loss_scale"] = job.scale.scale
         if self.cfg.wall_clock_breakdown:
             for key in window[0].times:
                 values[f"time_{key}_s"] = sum(r.times[key] for r in window) / len(window)
-        self.metrics.log(step, values)
+        self.metrics.log(step, values, adapter=job.spec.label, total=job.total_steps)
 
     def _peak_memory_gib(self) -> float:
         if self.layout.device.type == "cuda":
@@ -272,14 +332,19 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    def _save(self, step: int) -> None:
-        if step == self.last_saved:
+    def _save(self) -> None:
+        if self.round == self.last_saved:
             return
-        save_checkpoint(self.cfg.output_dir, step, layout=self.layout, stage_params=self.stage_params,
-                        optimizer=self.optimizer, scheduler_state={"type": self.cfg.lr_scheduler_type, "step": step},
-                        state=self.state, lora_raw=self.lora_saved, meta=self.meta,
+        streams = {index: switch.streams for index, switch in self.switches.items()}
+        parts = [SavedAdapter(job.spec.label, job.stage_params, job.optimizer,
+                              {"type": job.cfg.lr_scheduler_type, "step": job.state.global_step}, job.state,
+                              job.lora_saved, job.meta, {i: s.get(job.spec.name) for i, s in streams.items()})
+                 for job in self.jobs]
+        labels = [job.spec.label for job in self.jobs if job.spec.label]
+        save_checkpoint(self.cfg.output_dir, self.round, layout=self.layout, adapters=parts,
+                        joint={"format": 2, "adapters": labels} if labels else None,
                         save_total_limit=self.cfg.save_total_limit)
-        self.last_saved = step
+        self.last_saved = self.round
 
 
 def _main_thread() -> bool:

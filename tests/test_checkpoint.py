@@ -29,7 +29,7 @@ def _cfg(model: str, out: str, **kw) -> Config:
 
 def _train(cfg: Config) -> int:
     from merak_lora.finetune import run
-    return run(cfg).global_step
+    return run(cfg)[0].global_step
 
 
 def _copy_checkpoint(src_out: str, step: int, dst_out: str) -> None:
@@ -239,16 +239,16 @@ def test_rank_killed_while_saving_leaves_the_previous_checkpoint(tiny_llama, tmp
 
 
 def test_save_total_limit_keeps_the_newest(tmp_path):
-    from merak_lora.checkpoint import TrainState, save_checkpoint
+    from merak_lora.checkpoint import SavedAdapter, TrainState, save_checkpoint
     from merak_lora.layout import Layout
 
     layout = Layout(rank=0, world=1, local_rank=0, pp=1, chunks=1, v_shape=False, device=torch.device("cpu"))
     p = torch.nn.Parameter(torch.randn(4, 2))
     opt = torch.optim.AdamW([p])
     for step in (10, 20, 30, 40):
-        save_checkpoint(str(tmp_path), step, layout=layout, stage_params={0: {"x.lora_A.weight": p}}, optimizer=opt,
-                        scheduler_state={"step": step}, state=TrainState(global_step=step), lora_raw={"r": 2},
-                        meta={"num_stages": 1, "pp": 1, "dp": 1}, save_total_limit=2)
+        saved = SavedAdapter("", {0: {"x.lora_A.weight": p}}, opt, {"step": step}, TrainState(global_step=step),
+                             {"r": 2}, {"num_stages": 1, "pp": 1, "dp": 1}, {0: None})
+        save_checkpoint(str(tmp_path), step, layout=layout, adapters=[saved], save_total_limit=2)
     assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint-30", "checkpoint-40", "latest"]
     assert read_latest(str(tmp_path)).endswith("checkpoint-40")
     assert read_meta(str(tmp_path / "checkpoint-40"))["global_step"] == 40

@@ -134,7 +134,7 @@ def _losses(out: str) -> list[float]:
 
 def _train(cfg) -> int:
     from merak_lora.finetune import run
-    return run(cfg).global_step
+    return run(cfg)[0].global_step
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -38,7 +38,7 @@ def _cfg(model: str, lora: str, out: str, **kw) -> Config:
 
 def _train(cfg: Config) -> int:
     from merak_lora.finetune import run
-    return run(cfg).global_step
+    return run(cfg)[0].global_step
 
 
 def _rows(out: str) -> dict[int, dict]:

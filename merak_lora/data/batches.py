@@ -116,6 +116,41 @@ def collate(samples: list[list[Example]], pad_id: int, multiple: int, seq_length
                  sum(lengths), int((targets != IGNORE).sum()), (n, width))
 
 
+def interleave(batches: list[Batch], microbatches: list[int]) -> tuple[Batch, list[int]]:
+    """Several adapters' batches as one step of microbatches, taken in turn (a0 b0 a1 b1 ...), so that one
+    schedule runs them all; returns the joint batch and, per microbatch, the index of the batch it came from.
+
+    A schedule needs one shape for all its microbatches: narrower ones are padded on the right to the widest
+    (padding holds no targets, and causal attention keeps later positions from earlier ones), and microbatches
+    of fewer rows get empty rows. Rank-local batches without ids or targets (middle stages) interleave as shapes
+    and positions alone."""
+    if len(batches) == 1:
+        return batches[0], [0] * microbatches[0]
+    mbs = max(b.shape[0] // m for b, m in zip(batches, microbatches))
+    width = max(b.shape[1] for b in batches)
+    owners = [j for k in range(max(microbatches)) for j, m in enumerate(microbatches) if k < m]
+    packed = any(b.position_ids is not None for b in batches)
+
+    def joint(field: str, fill: int) -> torch.Tensor | None:
+        if getattr(batches[0], field) is None and not (field == "position_ids" and packed):
+            return None
+        out = torch.full((len(owners) * mbs, width), fill, dtype=torch.long)
+        if field == "position_ids":
+            out[:] = torch.arange(width)
+        seen = [0] * len(batches)
+        for slot, j in enumerate(owners):
+            b, rows = batches[j], batches[j].shape[0] // microbatches[j]
+            part = getattr(b, field)
+            if part is not None:
+                out[slot * mbs:slot * mbs + rows, :b.shape[1]] = part[seen[j] * rows:(seen[j] + 1) * rows]
+            seen[j] += 1
+        return out
+
+    return Batch(joint("input_ids", 0), joint("targets", IGNORE), joint("position_ids", 0),
+                 sum(b.tokens for b in batches), sum(b.targets_count for b in batches),
+                 (len(owners) * mbs, width)), owners
+
+
 class Batches:
     """The deterministic sample stream: per epoch a seeded permutation, consumed a global batch at a time."""
 

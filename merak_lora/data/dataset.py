@@ -40,20 +40,22 @@ def share_cores() -> None:
         os.environ.setdefault("RAYON_NUM_THREADS", str(per_rank))
 
 
-def load(cfg: Config, tokenizer, layout: Layout) -> TrainingData:
+def load(cfg: Config, tokenizer, layout: Layout, adapter: str = "") -> TrainingData:
+    """`adapter` (with several adapters) names this adapter's data in the log and in what ranks share."""
     def spec(path: str) -> DataSpec:
         return DataSpec(path, cfg.data_format, cfg.field_map, cfg.template, cfg.system, cfg.seq_length,
                         cfg.skip_bad_records)
 
     cache_dir = cfg.data_cache_dir or os.path.join(cfg.output_dir, "data_cache")
     progress = not cfg.disable_tqdm
-    train_m = prepare(spec(cfg.data_path), tokenizer, cache_dir, layout.coord, "data", progress)
-    eval_m = prepare(spec(cfg.eval_data_path), tokenizer, cache_dir, layout.coord, "eval data", progress) \
+    whose = f"{adapter}'s " if adapter else ""
+    train_m = prepare(spec(cfg.data_path), tokenizer, cache_dir, layout.coord, f"{whose}data", progress)
+    eval_m = prepare(spec(cfg.eval_data_path), tokenizer, cache_dir, layout.coord, f"{whose}eval data", progress) \
         if cfg.eval_data_path else None
     if layout.rank == 0:
-        _report("data", train_m, cfg.seq_length)
+        _report(f"{whose}data", train_m, cfg.seq_length)
         if eval_m is not None:
-            _report("eval data", eval_m, cfg.seq_length)
+            _report(f"{whose}eval data", eval_m, cfg.seq_length)
 
     train = evals = None
     if layout.holds_data():
@@ -78,7 +80,7 @@ def load(cfg: Config, tokenizer, layout: Layout) -> TrainingData:
 
         train = batches(store, members)
         evals = batches(*held) if held is not None else None
-    counts = layout.coord.share("data/samples", lambda: f"{len(train.samples)} "
+    counts = layout.coord.share(f"{adapter}/data/samples", lambda: f"{len(train.samples)} "
                                 f"{len(evals.samples) if evals is not None else 0}", "counting samples")
     samples, eval_samples = (int(x) for x in counts.split())
     return TrainingData(train, evals, samples, eval_samples, train_m.records, train_m.tokens)
