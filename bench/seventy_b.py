@@ -68,7 +68,8 @@ def baseline(folder: str, gpus: int, seq: int, steps: int) -> dict:
     return {"tokens_per_s": seq * len(times) / sum(times), "peak_gib": max(peaks), "min_gib": min(peaks)}
 
 
-def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: str, compile: bool) -> dict:
+def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: str, compile: bool,
+         extra: list[str]) -> dict:
     """torchrun over the GPUs: one pipeline stage per GPU, weights drawn per stage on its own GPU."""
     tmp = tempfile.mkdtemp()
     data = long_records(os.path.join(tmp, "long.jsonl"), 4 * microbatches)
@@ -82,7 +83,7 @@ def ours(folder: str, gpus: int, seq: int, microbatches: int, steps: int, out: s
            "--seq_length", str(seq), "--pad_to_multiple_of", "64", "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", str(microbatches), "--max_steps", str(steps + 1), "--logging_steps", "1",
            "--save", "false", "--disable_tqdm", "true", "--report_to", "none",
-           "--compile", str(compile).lower(), "--bf16", str(torch.cuda.is_available()).lower()]
+           "--compile", str(compile).lower(), "--bf16", str(torch.cuda.is_available()).lower(), *extra]
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--compile", default="false", help="merak-lora's --compile")
+    ap.add_argument("--ours_flags", default="", help="more flags for merak-lora's run, e.g. '--fp8 true'")
+    ap.add_argument("--baseline", default="true", help="false: merak-lora's row alone (e.g. when the baseline's "
+                    "bf16 weights cannot fit)")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -108,14 +112,18 @@ def main() -> None:
         print("RESULT " + json.dumps(baseline(folder, a.gpus, a.seq, a.steps)), flush=True)
         return
     base = run_worker(__file__, ["--worker", "baseline", "--arch", a.arch, "--gpus", str(a.gpus), "--seq",
-                                 str(a.seq), "--steps", str(a.steps)], timeout=3000)
-    mine = ours(folder, a.gpus, a.seq, a.microbatches, a.steps, tempfile.mkdtemp(), a.compile == "true")
+                                 str(a.seq), "--steps", str(a.steps)], timeout=3000) if a.baseline == "true" else None
+    mine = ours(folder, a.gpus, a.seq, a.microbatches, a.steps, tempfile.mkdtemp(), a.compile == "true",
+                a.ours_flags.split())
     rows = [['device_map="auto" + PEFT, grad ckpt, microbatch 1',
              "-" if base is None else f"{base['tokens_per_s']:,.0f}",
              "-" if base is None else f"{base['peak_gib']:.1f}", "-", "1.00x"],
-            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches, compile {a.compile}",
+            [f"merak-lora pp={a.gpus}, 1f1b, {a.microbatches} microbatches, compile {a.compile}"
+             f"{', ' + a.ours_flags if a.ours_flags else ''}",
              f"{mine['tokens_per_s']:,.0f}", f"{mine['peak_gib']:.1f}", f"{mine['first_step_s']:.0f}",
              "-" if base is None else f"{mine['tokens_per_s'] / base['tokens_per_s']:.2f}x"]]
+    if base is None:
+        rows = rows[1:]
     table = markdown_table(["run", "tokens/s", "peak GiB (max GPU)", "launch to 1st step (s)", "ratio"], rows)
     report(f"{a.arch} across {a.gpus} GPUs: merak-lora pipeline vs device_map=auto", table, "", a.results)
 
