@@ -32,13 +32,15 @@ LORAS = [{"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGE
          {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS}]
 
 
-def write_adapters(folder: str, k: int) -> list[dict]:
-    """K LoRA configs and their adapters.json entries (lr and seed differ too)."""
+def write_adapters(folder: str, k: int, mix: str = "mixed") -> list[dict]:
+    """K LoRA configs and their adapters.json entries (lr and seed differ too): of LORAS in turn ("mixed"), all
+    the first one's shape ("sweep": a learning-rate sweep), or all LORAS[int(mix)]."""
     entries = []
     for i in range(k):
         path = os.path.join(folder, f"lora_{i}.json")
+        lora = LORAS[i % len(LORAS)] if mix == "mixed" else LORAS[0] if mix == "sweep" else LORAS[int(mix)]
         with open(path, "w") as fh:
-            json.dump(LORAS[i % len(LORAS)], fh)
+            json.dump(lora, fh)
         entries.append({"name": f"a{i}", "lora_config": path, "learning_rate": 1e-4 * (i + 1), "seed": 10 + i})
     with open(os.path.join(folder, "adapters.json"), "w") as fh:
         json.dump({"adapters": entries}, fh)
@@ -65,7 +67,9 @@ def cpu(args) -> None:
     work = tempfile.mkdtemp(prefix="merak-multi-")
     model = bench_model("tiny")
     entries = write_adapters(work, args.adapters)
-    common = ["--model_path", model, "--data_path", os.path.join(ROOT, "data", "sample.json"), "--pp", "2",
+    data = os.path.join(ROOT, "data", "sample.json") if args.data == "sample" else \
+        long_records(os.path.join(work, "long.jsonl"), 512)
+    common = ["--model_path", model, "--data_path", data, "--pp", "2",
               "--seq_length", str(args.seq), "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
               "4", "--max_steps", str(args.steps), "--logging_steps", "1", "--save_steps", str(args.steps),
               "--disable_tqdm", "true", "--report_to", "none", "--data_cache_dir", os.path.join(work, "cache")]
@@ -86,41 +90,60 @@ def cpu(args) -> None:
              f"{joint['rss_gib'] / one_rss:.2f}x"]]
     table = markdown_table(["run", "wall s", "in steps s", "launch to 1st step s", "peak RSS per rank GiB",
                             "wall vs sequential", "memory vs one run"], rows)
-    report(f"Several adapters in one pipeline, CPU (2 gloo ranks, pp=2, tiny Llama, {len(entries)} adapters)",
+    what = "data/sample.json (rows of varied length)" if args.data == "sample" else "rows all full (no padding)"
+    report(f"Several adapters in one pipeline, CPU (2 gloo ranks, pp=2, tiny Llama, {len(entries)} adapters, {what})",
            table, f"Each adapter: {args.steps} steps of 2 microbatch rows x 4 microbatches, sequence {args.seq}; the "
            "adapters differ in rank (4-16), targets, learning rate and seed. Data cache warm for every launch. "
            "\"in steps\": first to last logged step (the pipeline's own time); the rest of the wall time is "
            "start-up (interpreter, imports, rendezvous, stage build), which the joint run pays once.", args.results)
 
 
+GPU_RUNS = {  # label: (adapters, which LoRA configs)
+    "one adapter (r=8, all 7 projections, dropout 0.1)": (1, "0"),
+    "one adapter (r=8, all 7 projections, dropout 0)": (1, "3"),
+    "4 adapters, a learning-rate sweep (the first's shape, lr and seed differ)": (4, "sweep"),
+    "4 adapters, mixed (r 8/16/4/8, targets, dropout 0.1/0.05/0.1/0)": (4, "mixed"),
+}
+
+
 def gpu(args) -> None:
     import torch
     model = bench_model(args.arch, args.model_dir)
     rows, measured = [], {}
-    for k in (1, args.adapters):
-        r = run_worker(__file__, ["--worker", str(k), "--model_dir", model, "--seq", str(args.seq), "--steps",
+    for label, (k, mix) in GPU_RUNS.items():
+        r = run_worker(__file__, ["--worker", f"{k}:{mix}", "--model_dir", model, "--seq", str(args.seq), "--steps",
                                   str(args.steps), "--warmup", str(args.warmup), "--mb", str(args.mb)], timeout=1500)
         if r is None:
-            rows.append([k, "failed", "-", "-", "-"])
+            rows.append([label, "failed", "-", "-", "-", "-"])
             continue
-        measured[k] = r
-        rows.append([k, f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.1f}", f"{r['adapter_gib']:.2f}", ""])
-        print(f"{k} adapter(s), tokens/s per measured step: {[round(x) for x in r['per_step']]}", flush=True)
+        measured[mix] = r
+        print(f"{label}: tokens/s per measured step {[round(x) for x in r['per_step']]}", flush=True)
+        rows.append([label, f"{r['tokens_per_s']:,.0f}", f"{r['peak_gib']:.1f}", f"{r['steady_gib']:.1f}",
+                     f"{r['adapter_gib']:.2f}", ""])
         print(" | ".join(map(str, rows[-1])), flush=True)
-    if 1 in measured and args.adapters in measured:
-        one, many = measured[1], measured[args.adapters]
-        allowed = one["peak_gib"] + many["adapter_gib"] - one["adapter_gib"]
-        rows[-1][-1] = (f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x the tokens/s of one; peak "
-                        f"{many['peak_gib']:.1f} GiB vs one run + {args.adapters - 1} adapters' state "
-                        f"{allowed:.1f} GiB")
-    table = markdown_table(["adapters", "tokens/s (sum)", "peak GiB", "adapters' state GiB", "vs one adapter"],
-                           rows)
+    one = measured.get("0")
+    for row, (label, (k, mix)) in zip(rows, GPU_RUNS.items()):
+        many = measured.get(mix)
+        if k == 1 or one is None or many is None:
+            continue
+        # the adapter whose own run holds the most sets the joint run's peak: the mixed set's is dropout 0's
+        base = max((measured[m] for m in ("0", "3") if m in measured and (mix == "mixed" or m == "0")),
+                   key=lambda r: r["steady_gib"])
+        allowed = base["steady_gib"] + many["adapter_gib"] - base["adapter_gib"]
+        row[-1] = (f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x the tokens/s of one adapter; peak in "
+                   f"steps {many['steady_gib']:.1f} GiB vs {allowed:.1f} (the hungriest adapter's own run + the "
+                   "other adapters' state)")
+    table = markdown_table(["run", "tokens/s (sum)", "peak GiB (whole run)", "peak GiB (measured steps)",
+                            "adapters' state GiB", "vs one adapter"], rows)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     report(f"Several adapters in one pipeline, one GPU ({name}), {args.arch}, sequence {args.seq}, pp=1, compiled",
            table, f"Microbatch {args.mb} x 4 microbatches per adapter per step, bf16, --compile true, random "
-           "weights; the adapters differ in rank (4-16), targets, learning rate and seed (one adapter: the first "
-           "config, r=8 on all seven projections). Adapter state: fp32 weights, gradients and two AdamW moments "
-           "(16 bytes per parameter), all K adapters summed.", args.results)
+           "weights, rows full (no padding). Adapter state: fp32 weights, gradients and two AdamW moments "
+           "(16 bytes per parameter), all adapters of the run summed. \"Peak in measured steps\" is the largest "
+           "peak_mem_gib logged after the warm-up (each log line's own window). A compiled layer with a dropout-0 "
+           "adapter keeps more activations than with dropout (the compiler saves the projections' inputs that it "
+           "otherwise recomputes with the dropout), so a set with such an adapter peaks at that adapter's own "
+           "run's memory, not the first's.", args.results)
 
 
 def worker(args) -> None:
@@ -128,8 +151,8 @@ def worker(args) -> None:
     from merak_lora.finetune import main
 
     tmp = tempfile.mkdtemp()
-    k = int(args.worker)
-    entries = write_adapters(tmp, k)
+    k, mix = int(args.worker.split(":")[0]), args.worker.split(":")[1]
+    entries = write_adapters(tmp, k, mix)
     data = long_records(os.path.join(tmp, "long.jsonl"), 64)
     which = ["--lora_config", entries[0]["lora_config"]] if k == 1 else \
         ["--adapters", os.path.join(tmp, "adapters.json")]
@@ -144,9 +167,10 @@ def worker(args) -> None:
     after = [r for r in rows if r["step"] > args.warmup and r["split"] == "train"]
     steps = sorted({r["step"] for r in after})
     per_step = [sum(r["tokens_per_s"] for r in after if r["step"] == s) for s in steps]
-    numel = sum(_numel(LORAS[i % len(LORAS)], args.model_dir) for i in range(k))
+    numel = sum(_numel(json.load(open(e["lora_config"])), args.model_dir) for e in entries)
     print("RESULT " + json.dumps({"tokens_per_s": sum(per_step) / len(per_step), "per_step": per_step,
                                   "peak_gib": max(r["peak_mem_gib"] for r in rows),
+                                  "steady_gib": max(r["peak_mem_gib"] for r in after),
                                   "adapter_gib": numel * 16 / 2**30}), flush=True)
 
 
@@ -164,6 +188,8 @@ def _numel(lora: dict, model_dir: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--data", choices=("sample", "long"), default="sample",
+                    help="CPU: the shipped sample data, or rows that all fill --seq (no padding)")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--arch", default="llama3-8b")
     ap.add_argument("--model_dir", default="")

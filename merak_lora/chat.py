@@ -1,5 +1,6 @@
 """Talking to the model: interactive chat on rank 0's terminal, a one-shot --prompt, or --prompts FILE batches,
-with the base model's answer beside the fine-tuned one under --compare_base.
+with the base model's answer beside the fine-tuned one under --compare_base, and from a checkpoint of several
+adapters every adapter's answer (or those of --adapter_names), each under its name.
 
 Under torchrun every rank loads only its stage and generation runs across the pipeline; in a single process the
 whole model runs through transformers' generate() (from a checkpoint, an exported adapter or a merged model).
@@ -18,7 +19,7 @@ from typing import IO, Any
 import torch.distributed as dist
 
 from .config import NOT_APPLICABLE, Config, ConfigError, help_text, parse_args
-from .generate import LocalGenerator, PipelineGenerator, Sampling
+from .generate import Adapter, LocalGenerator, PipelineGenerator, Sampling
 from .templates import Formatter
 
 log = logging.getLogger("merak_lora")
@@ -43,6 +44,7 @@ class GenConfig(Config):
     gen_batch_size: int = 8
     compare_base: bool = False
     adapter_path: str = ""
+    adapter_names: str = ""  # a checkpoint of several adapters: answer with these (comma-separated), not all
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
@@ -84,7 +86,14 @@ class Chat:
         self.cfg = cfg
         self.formatter = Formatter(tokenizer, cfg.template)
         self.sampling = cfg.sampling()
-        self.history: list[dict] = []
+        # (label, adapter) of each answer a prompt gets, in order
+        self.variants: list[tuple[str, Adapter]] = \
+            ([("base", False)] if cfg.compare_base else []) + \
+            ([(n, n) for n in generator.adapters] or [("fine-tuned" if cfg.compare_base else "", True)])
+        # each adapter continues its own conversation; the base model answers within the first adapter's
+        first = (generator.adapters or [True])[0]
+        self.conversation = {a: first if a is False else a for _, a in self.variants}
+        self.history: dict[Adapter, list[dict]] = {}
 
     def encode(self, messages: list[dict]) -> list[int]:
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
@@ -98,27 +107,26 @@ class Chat:
             text = text.split(stop, 1)[0]
         return text.strip()
 
-    def answer_batch(self, questions: list[str], adapter: bool = True) -> list[str]:
+    def answer_batch(self, questions: list[str], adapter: Adapter = True) -> list[str]:
         prompts = [self.encode([{"role": "user", "content": q}]) for q in questions]
         return [self.decode(g) for g in self.gen.generate(prompts, self.sampling, adapter)]
 
     def turn(self, question: str, out: IO[str]) -> None:
-        """One interactive turn: stream the answer(s), keep the fine-tuned one in the history."""
-        messages = self.history + [{"role": "user", "content": question}]
-        prompt = self.encode(messages)
-        variants = [("base", False), ("fine-tuned", True)] if self.cfg.compare_base else [("", True)]
-        answer = ""
-        for label, adapter in variants:
+        """One interactive turn: stream each answer under its label, keep the fine-tuned ones in the history."""
+        said = {}
+        for label, adapter in self.variants:
+            messages = self.history.get(self.conversation[adapter], []) + [{"role": "user", "content": question}]
             if label:
                 out.write(f"[{label}] ")
             stream = _TextStream(self.tok, out)
-            ids = self.gen.generate([prompt], self.sampling, adapter, stream.on_token)[0]
+            ids = self.gen.generate([self.encode(messages)], self.sampling, adapter, stream.on_token)[0]
             out.write(f"\n{stream.timing()}\n")
             out.flush()
             if self.gen.interrupted:
                 return
-            answer = self.decode(ids)
-        self.history = messages + [{"role": "assistant", "content": answer}]
+            if adapter is not False:
+                said[adapter] = messages + [{"role": "assistant", "content": self.decode(ids)}]
+        self.history.update(said)
 
     def interactive(self, inp: IO[str], out: IO[str]) -> None:
         """Questions from `inp` until end of input, /exit or Ctrl-C (at the prompt or during an answer)."""
@@ -137,7 +145,7 @@ class Chat:
                 if text == "/exit":
                     break
                 if text == "/reset":
-                    self.history = []
+                    self.history = {}
                     out.write("(conversation cleared)\n")
                     continue
                 self.turn(text, out)
@@ -148,17 +156,25 @@ class Chat:
         out.flush()
 
     def batch(self, questions: list[str], out_path: str) -> None:
+        """JSON lines: {"prompt", "answer"}, or {"prompt", "answers": {name: answer}} with several adapters, and
+        "base_answer" under --compare_base."""
         rows = []
         size = max(1, self.cfg.gen_batch_size)
         for i in range(0, len(questions), size):
             chunk = questions[i:i + size]
-            tuned = self.answer_batch(chunk, adapter=True)
-            base = self.answer_batch(chunk, adapter=False) if self.cfg.compare_base else [None] * len(chunk)
+            answers = {adapter: self.answer_batch(chunk, adapter) for _, adapter in self.variants}
             if self.gen.interrupted:
                 log.warning("interrupted by Ctrl-C: the answers so far are written")
                 break
-            for q, a, b in zip(chunk, tuned, base):
-                rows.append({"prompt": q, "answer": a, **({"base_answer": b} if b is not None else {})})
+            for j, q in enumerate(chunk):
+                row: dict[str, Any] = {"prompt": q}
+                if self.gen.adapters:
+                    row["answers"] = {n: answers[n][j] for n in self.gen.adapters}
+                else:
+                    row["answer"] = answers[True][j]
+                if False in answers:
+                    row["base_answer"] = answers[False][j]
+                rows.append(row)
             log.info(f"generated {min(i + size, len(questions))}/{len(questions)}")
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w", encoding="utf-8") as fh:
@@ -223,7 +239,32 @@ def build_generator(cfg: GenConfig):
     return _pipeline_generator(cfg, tokenizer, ckpt, meta, world)
 
 
+def _checkpoint_adapters(cfg: GenConfig, ckpt: str | None, meta: dict | None) -> tuple[list, list[str]]:
+    """What to load: (PEFT adapter name, folder, meta) per adapter, and the names requests choose from. A
+    checkpoint of one adapter gives PEFT's "default" and no names; one of several gives each adapter that
+    --adapter_names picks (all by default) from its own subfolder, a complete one-adapter checkpoint."""
+    from .checkpoint import read_meta
+    from .export import pick_adapters
+    from .lora import ADAPTER
+
+    if not ckpt:
+        if cfg.adapter_names:
+            raise ConfigError("--adapter_names picks adapters of a checkpoint of several; pass it with "
+                              "--resume_peft_from_checkpoint")
+        return [], []
+    names = pick_adapters(ckpt, meta, cfg.adapter_names)
+    if not names:
+        return [(ADAPTER, ckpt, meta)], []
+    return [(n, os.path.join(ckpt, n), read_meta(os.path.join(ckpt, n))) for n in names], names
+
+
+def _lora_raw(meta: dict) -> dict:
+    return {k: v for k, v in meta["lora"].items() if k != "base_model_name_or_path"}
+
+
 def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | None) -> LocalGenerator:
+    import warnings
+
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -233,17 +274,23 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
     from .plan import compute_dtype
     from .lora import adapter_params
 
+    loaded, names = _checkpoint_adapters(cfg, ckpt, meta)
     device = pick_device(cfg.device, 0)
     model = AutoModelForCausalLM.from_pretrained(cfg.weights_path, dtype=compute_dtype(cfg),
                                                  trust_remote_code=cfg.trust_remote_code).to(device)
     if cfg.adapter_path:
         model = PeftModel.from_pretrained(model, cfg.adapter_path)
-    elif ckpt:
-        check_compatible(ckpt, meta, model.config, meta["lora"], stages=[])
-        model = get_peft_model(model, peft_config(meta))
-        load_adapter(ckpt, meta, {0: adapter_params(model)})
+    for name, folder, m in loaded:
+        check_compatible(folder, m, model.config, m["lora"], stages=[])
+        with warnings.catch_warnings():  # PEFT warns of short names inside its "lora_" prefix: harmless here
+            warnings.simplefilter("ignore")
+            if isinstance(model, PeftModel):
+                model.add_adapter(name, peft_config(m))
+            else:
+                model = get_peft_model(model, peft_config(m), adapter_name=name)
+        load_adapter(folder, m, {0: adapter_params(model, name)})
     model.eval()
-    return LocalGenerator(model, tokenizer, model.config)
+    return LocalGenerator(model, tokenizer, model.config, names)
 
 
 def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
@@ -256,27 +303,30 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
 
     pp = cfg.pp or world
     chunks = cfg.chunks_per_rank()
-    lora_raw = {k: v for k, v in meta["lora"].items() if k != "base_model_name_or_path"} if meta else None
-    plan = make_plan(cfg, pp * chunks, lora_raw)
+    loaded, names = _checkpoint_adapters(cfg, ckpt, meta)
+    plan = make_plan(cfg, pp * chunks, _lora_raw(loaded[0][2]) if loaded else None)
     model_type = plan.model_config.model_type
     if pp * chunks > 1 and model_type in NO_PIPELINE_GENERATION:
         raise ConfigError(f"model type {model_type!r} cannot generate across pipeline stages yet "
                           f"({NO_PIPELINE_GENERATION[model_type]}); generate in one process instead: python "
                           "launch/gen_text.py with the same flags (transformers' generate on the whole model)")
-    if ckpt:
-        check_compatible(ckpt, meta, plan.model_config, meta["lora"], stages=[])
+    loras = [plan.lora_cfg] + [plan.resolve_lora(_lora_raw(m), folder) for _, folder, m in loaded[1:]]
+    for _, folder, m in loaded:
+        check_compatible(folder, m, plan.model_config, m["lora"], stages=[])
     layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
     if layout.dp > 1:
         raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
-    stages = build_stages(cfg, plan, layout, checked_quantization(cfg, layout.device))
-    if ckpt:
-        load_adapter(ckpt, meta, {s.spec.index: adapter_params(s.model) for s in stages})
+    stages = build_stages(cfg, plan, layout, checked_quantization(cfg, layout.device),
+                          [(name, lora, cfg.seed) for (name, _, _), lora in zip(loaded, loras)])
+    for name, folder, m in loaded:
+        load_adapter(folder, m, {s.spec.index: adapter_params(s.model, name) for s in stages})
     for s in stages:
         s.eval()
         for p in s.parameters():
             p.requires_grad_(False)
-    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg))
-    if ckpt and not cfg.compare_base:  # the base is never asked for: decode with the adapter folded in
+    gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg),
+                            names)
+    if len(loaded) == 1 and not cfg.compare_base:  # the base is never asked for: decode with the adapter folded in
         gen.merged = sum(merge_for_generation(s.model) for s in stages) > 0
     return gen, tokenizer, layout
 

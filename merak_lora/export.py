@@ -3,6 +3,10 @@
     python -m merak_lora.export --checkpoint out/checkpoint-500 --out adapter/        # a PEFT adapter folder
     python -m merak_lora.export --checkpoint out/checkpoint-500 --merge --out merged/  # base + LoRA merged
 
+A checkpoint of several adapters (--adapters) exports one PEFT folder per adapter, adapter/<name>/ (only those
+of --adapter_names a,b when given); --merge takes one of them (--adapter_names a), since each merged model is
+a whole copy of the base.
+
 The adapter folder is PEFT's own format (adapter_config.json + adapter_model.safetensors with PEFT's key
 names), so `PeftModel.from_pretrained(base, folder)` and vLLM's LoRA loader take it as it is. The merge walks
 the base model one safetensors shard at a time, so the whole model never sits in memory. A base shipped in
@@ -42,6 +46,41 @@ def peft_config(meta: dict, base_path: str | None = None) -> LoraConfig:
 def export_adapter(ckpt: str, out: str) -> str:
     meta = read_meta(ckpt)
     return write_adapter(out, load_adapter_tensors(ckpt, meta), peft_config(meta))
+
+
+def pick_adapters(ckpt: str, meta: dict, names: str) -> list[str]:
+    """The adapters of a checkpoint of several to use: those of `names` (--adapter_names, comma-separated), or
+    all of them; [] for a checkpoint of one adapter, which has no names to choose from."""
+    held = meta.get("adapters")
+    wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+    if held is None:
+        if wanted:
+            raise ConfigError(f"--adapter_names {names}: checkpoint {ckpt} holds one adapter, not several by "
+                              "name; drop --adapter_names")
+        return []
+    unknown = [n for n in wanted if n not in held]
+    if unknown:
+        raise ConfigError(f"--adapter_names {names}: checkpoint {ckpt} holds no adapter {unknown[0]!r}; it "
+                          f"holds {', '.join(held)}")
+    return wanted or list(held)
+
+
+def export_adapters(ckpt: str, out: str, names: str = "") -> list[str]:
+    """One PEFT adapter folder per adapter: <out>/<name>/ for a checkpoint of several, else <out> itself."""
+    chosen = pick_adapters(ckpt, read_meta(ckpt), names)
+    if not chosen:
+        return [export_adapter(ckpt, out)]
+    return [export_adapter(os.path.join(ckpt, n), os.path.join(out, n)) for n in chosen]
+
+
+def merge_one(ckpt: str, out: str, model_path: str | None = None, names: str = "") -> str:
+    """merge() on a checkpoint of one adapter, or on the one adapter --adapter_names picks from several."""
+    chosen = pick_adapters(ckpt, read_meta(ckpt), names)
+    if len(chosen) > 1:
+        raise ConfigError(f"checkpoint {ckpt} holds {len(chosen)} adapters ({', '.join(chosen)}) and --merge "
+                          f"writes one model (a whole copy of the base): pick one with --adapter_names "
+                          f"{chosen[0]}, or pass --checkpoint {os.path.join(ckpt, chosen[0])}")
+    return merge(os.path.join(ckpt, chosen[0]) if chosen else ckpt, out, model_path)
 
 
 def write_adapter(out: str, tensors: dict[str, torch.Tensor], config: LoraConfig) -> str:
@@ -193,14 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder to write")
     ap.add_argument("--merge", action="store_true", help="write the base model with the adapter merged in")
     ap.add_argument("--model_path", default=None, help="base model folder, if it moved since training")
+    ap.add_argument("--adapter_names", default="", help="a checkpoint of several adapters: export only these "
+                    "(comma-separated); --merge takes one")
     a = ap.parse_args(argv)
     try:
         ckpt = resolve(a.checkpoint, a.checkpoint)
-        path = merge(ckpt, a.out, a.model_path) if a.merge else export_adapter(ckpt, a.out)
+        paths = [merge_one(ckpt, a.out, a.model_path, a.adapter_names)] if a.merge else \
+            export_adapters(ckpt, a.out, a.adapter_names)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {'merged model' if a.merge else 'PEFT adapter'} to {path}")
+    for path in paths:
+        print(f"wrote {'merged model' if a.merge else 'PEFT adapter'} to {path}")
     return 0
 
 

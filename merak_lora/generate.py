@@ -4,7 +4,8 @@ Pipeline mode: prefill, then one token at a time. Each stage keeps its own KV ca
 size, with each token's step replayed as a CUDA graph where the model allows: decode.py); hidden states go stage
 to stage with point-to-point sends, and the next tokens go from the last stage to every rank of
 the pipeline, so all ranks know when to stop. Rank 0 drives: it sends each request (prompts, sampling settings,
-adapter on or off) to the other ranks, which serve requests until told to stop.
+and which adapter answers: none, the one loaded, or one of several by name) to the other ranks, which serve
+requests until told to stop.
 
 Sampling uses transformers' own logits processors, so greedy and seeded sampling match `model.generate`.
 """
@@ -24,6 +25,7 @@ from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogit
 
 from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, static_decoding
 from .layout import Layout, rank_of_stage
+from .lora import AdapterSwitch
 from .stage import Stage
 
 TokenCallback = Callable[[list[int], list[bool]], None]
@@ -99,23 +101,37 @@ def eos_ids_of(tokenizer, model_config) -> set[int]:
     return ids
 
 
+Adapter = bool | str  # which model answers: False the base, True the adapter loaded, or one of several by name
+
+
 @contextlib.contextmanager
-def adapter_enabled(models: list[torch.nn.Module], enabled: bool) -> Iterator[None]:
-    """Run with the LoRA adapter on (fine-tuned) or off (the base model), on every given PEFT model."""
+def adapter_used(models: list[torch.nn.Module], switches: list[AdapterSwitch], adapter: Adapter) -> Iterator[None]:
+    """Run the given PEFT models as the base model (adapter False), with their adapter (True), or with the named
+    one of the several the switches choose from."""
     with contextlib.ExitStack() as stack:
-        if not enabled:
+        if adapter is False:
             for m in models:
                 if hasattr(m, "disable_adapter"):
                     stack.enter_context(m.disable_adapter())
+        elif isinstance(adapter, str):
+            for switch in switches:
+                stack.enter_context(switch.selected(adapter))
         yield
+
+
+def check_adapter(adapter: Adapter, names: list[str]) -> None:
+    """A request names one of the adapters loaded (a ValueError names them)."""
+    if isinstance(adapter, str) and adapter not in names:
+        raise ValueError(f"no adapter {adapter!r} is loaded; loaded: {', '.join(names) or 'none by name'}")
 
 
 class PipelineGenerator:
     """Generation across this rank's stages; rank 0 calls generate(), the others serve()."""
 
     def __init__(self, stages: list[Stage], layout: Layout, tokenizer, model_config, hidden_size: int,
-                 act_dtype: torch.dtype):
+                 act_dtype: torch.dtype, adapters: list[str] = ()):
         self.stages = sorted(stages, key=lambda s: s.spec.index)
+        self.adapters = list(adapters)  # adapters loaded by name (from a checkpoint of several): requests pick one
         self.layout = layout
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -149,12 +165,13 @@ class PipelineGenerator:
         return box[0]
 
     # rank 0 ----------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: bool = True,
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter = True,
                  on_token: TokenCallback | None = None) -> list[list[int]]:
         """The answers; Ctrl-C meanwhile cuts them short (`interrupted` is set) instead of raising mid-pipeline."""
-        if self.merged and not adapter:
+        if self.merged and adapter is False:
             raise ValueError("the adapter is merged into the base weights, so the base model cannot answer; "
                              "build the generator with --compare_base true to keep them apart")
+        check_adapter(adapter, self.adapters)
         self._ctrl_c = False
         with _on_ctrl_c(self._note_ctrl_c):
             self._broadcast(("generate", prompts, sampling, adapter), self.driver)
@@ -180,8 +197,12 @@ class PipelineGenerator:
         self._ctrl_c = True
 
     # every rank --------------------------------------------------------------------------------------------
+    def _answering(self, stages: list[Stage], adapter: Adapter):
+        return adapter_used([s.model for s in stages], [s.adapters for s in stages if s.adapters is not None],
+                            adapter)
+
     @torch.no_grad()
-    def _run(self, prompts: list[list[int]], sampling: Sampling, adapter: bool,
+    def _run(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter,
              on_token: TokenCallback | None) -> list[list[int]]:
         if self.in_flight and len(prompts) >= self.num_stages:
             return self._run_in_flight(prompts, sampling, adapter, on_token)
@@ -206,7 +227,7 @@ class PipelineGenerator:
         history = ids
         step_ids = ids
         self.interrupted = False
-        with adapter_enabled([s.model for s in self.stages], adapter):
+        with self._answering(self.stages, adapter):
             for _ in range(sampling.max_new_tokens):
                 seen = attention_bias(key_ok, filled, step_ids.shape[1], self.act_dtype) if self.static else mask
                 logits = self._forward(step_ids, seen, positions, decoders)
@@ -263,7 +284,7 @@ class PipelineGenerator:
 
 
     @torch.no_grad()
-    def _run_in_flight(self, prompts: list[list[int]], sampling: Sampling, adapter: bool,
+    def _run_in_flight(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter,
                        on_token: TokenCallback | None) -> list[list[int]]:
         """The batch as one group per stage, all in the pipeline at once: at tick t the rank of stage r runs group
         (t - r) mod P, so every stage works on every tick instead of one in P. The last stage samples a group's
@@ -286,7 +307,7 @@ class PipelineGenerator:
             sends.append((dist.isend(t, dst=dst, group=self.layout.pp_group), t))
         self.interrupted = False
         tick = -1
-        with adapter_enabled([stage.model], adapter):
+        with self._answering([stage], adapter):
             while any(g.alive for g in groups):
                 tick += 1
                 g = groups[(tick - r) % p]
@@ -416,19 +437,24 @@ def _on_ctrl_c(handler) -> Iterator[None]:
 
 
 class LocalGenerator:
-    """One process, the whole model: transformers' generate() on a PEFT model or a merged model."""
+    """One process, the whole model: transformers' generate() on a PEFT model (one adapter, or several chosen by
+    name per request) or a merged model."""
 
     interrupted = False  # Ctrl-C here raises KeyboardInterrupt out of generate(); chat.py ends the session
 
-    def __init__(self, model: torch.nn.Module, tokenizer, model_config):
+    def __init__(self, model: torch.nn.Module, tokenizer, model_config, adapters: list[str] = ()):
         self.model = model
+        self.adapters = list(adapters)
+        device = next(model.parameters()).device
+        self.switches = [AdapterSwitch(model, self.adapters, device)] if self.adapters else []
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_ids_of(tokenizer, model_config)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: bool = True,
+    def generate(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter = True,
                  on_token: TokenCallback | None = None) -> list[list[int]]:
+        check_adapter(adapter, self.adapters)
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_id, device)
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
@@ -439,7 +465,7 @@ class LocalGenerator:
                       logits_processor=sampling.processors(), temperature=None, top_k=None, top_p=None)
         if sampling.stop:
             kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
-        with adapter_enabled([self.model], adapter):
+        with adapter_used([self.model], self.switches, adapter):
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         generated = []
         for row in out[:, ids.shape[1]:].tolist():

@@ -107,6 +107,7 @@ class Trainer:
         self.stopped_by = 0.0            # the stop request the loop ended on (0: it ran to the end)
         self.last_saved = -1
         self.seconds = 0.0
+        self._window_peak: float | None = None
 
     @property
     def tokens_seen(self) -> int:
@@ -221,9 +222,11 @@ class Trainer:
                     job.window.append(result)
                     job.tokens_seen += result.tokens
                 self.metrics.advance(self._running_losses())
-                finished = False
+                finished, self._window_peak = False, None
                 for job, result in results.items():
                     finished |= self._after_step(job, result)
+                if self._window_peak is not None and self.layout.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.layout.device)  # each log line: its own window's peak
                 stop = next(iter(results.values())).stop
                 if self.cfg.save and (self.round % self.cfg.save_steps == 0 or finished or stop):
                     t = time.perf_counter()
@@ -311,7 +314,7 @@ class Trainer:
             "lr": window[-1].lr,
             "grad_norm": good[-1].grad_norm if good else math.nan,
             "tokens_per_s": sum(r.tokens for r in window) / max(seconds, 1e-9),
-            "peak_mem_gib": self._peak_memory_gib(),
+            "peak_mem_gib": self._peak_memory_gib(),   # since the previous log line (resident: since the start)
             "epoch": (job.state.consumed_samples - job.run.data_offset) / job.epoch_samples,
             "skipped_steps": sum(r.skipped for r in window),
         }
@@ -323,6 +326,10 @@ class Trainer:
         self.metrics.log(step, values, adapter=job.spec.label, total=job.total_steps)
 
     def _peak_memory_gib(self) -> float:
+        """The largest memory any rank held since the previous log line (on the CPU: since the process began),
+        measured once per step for every adapter's line."""
+        if self._window_peak is not None:
+            return self._window_peak
         if self.layout.device.type == "cuda":
             value = torch.cuda.max_memory_allocated(self.layout.device) / 2**30
         else:  # resident set size of this process (Linux reports KiB)
@@ -330,7 +337,8 @@ class Trainer:
         t = torch.tensor([value], device=self.layout.device)
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
+        self._window_peak = float(t.item())
+        return self._window_peak
 
     def _save(self) -> None:
         if self.round == self.last_saved:
