@@ -102,7 +102,7 @@ def main() -> None:
         layout = init_distributed(1, 1, False, device)
         stage = build_stages(cfg, plan, layout, checked_quantization(cfg, torch.device(device)))[0].train()
         stage.emit_hidden = True  # as a training step runs it: the loss applies the head in chunks
-        loss_fn = TokenLoss()
+        loss_fn = TokenLoss(compiled=cfg.compile)
         targets = torch.roll(ids, -1, 1)
 
         def ours():

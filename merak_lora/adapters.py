@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
-from .config import Config, ConfigError, _convert
+from .config import Config, ConfigError, _convert, read_json_file
 
 # Flags an adapter may set for itself: its LoRA config, data, batch, optimizer, schedule and seed.
 PER_ADAPTER = (
     "lora_config", "data_path", "eval_data_path", "eval_ratio", "data_format", "field_map", "system", "template",
     "skip_bad_records", "packing", "seq_length", "pad_to_multiple_of", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+    "gradient_accumulation_steps", "optim", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
     "num_train_epochs", "max_steps", "seed", "max_skipped_steps", "ignore_data_skip",
 )
 PATHS = ("lora_config", "data_path", "eval_data_path")
@@ -47,13 +46,7 @@ def adapter_specs(cfg: Config) -> list[AdapterSpec]:
     if not cfg.adapters:
         return [AdapterSpec("default", "", cfg)]
     path = cfg.adapters
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--adapters {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--adapters {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    data = read_json_file(path, "adapters")
     entries = data.get("adapters") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"--adapters {path}: expected {{\"adapters\": [{{\"name\": ..., \"lora_config\": ..., "

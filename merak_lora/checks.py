@@ -96,7 +96,8 @@ def check_data_files(cfg: Config) -> None:
 
 def check_batch(cfg: Config, samples: int, global_batch: int, dp: int, adapter: str = "") -> None:
     if samples < global_batch:
-        raise ConfigError(f"{'adapter ' + repr(adapter) + ': ' if adapter else ''}the data has {samples} sequences but one optimizer step takes {global_batch} "
+        raise ConfigError(f"{'adapter ' + repr(adapter) + ': ' if adapter else ''}the data has {samples} sequences "
+                          f"but one optimizer step takes {global_batch} "
                           f"(--per_device_train_batch_size {cfg.per_device_train_batch_size} x {cfg.microbatches} "
                           f"microbatches x {dp} replicas); lower --gradient_accumulation_steps or "
                           "--per_device_train_batch_size, or add data")

@@ -278,17 +278,22 @@ def parse_args(argv: list[str], *, config_cls: type = Config, warn=print,
     return config_cls(**values)
 
 
+def read_json_file(path: str, flag: str) -> Any:
+    """A JSON file a flag names, with a one-line error naming the flag for a missing file or bad JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--{flag} {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--{flag} {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def _read_config_file(vals: list[str], fields: dict) -> dict:
     if len(vals) != 1:
         raise ConfigError("--config takes one JSON file")
     path = vals[0]
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json_file(path, "config")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}")

@@ -161,8 +161,8 @@ def run(cfg: Config) -> list[TrainState]:
     if len({j.cfg.per_device_train_batch_size for j in jobs}) > 1:
         log.warning("the adapters' --per_device_train_batch_size differ: every microbatch of a step has the "
                     "largest one's rows, the smaller ones padded with empty rows (compute spent on nothing)")
-    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(), plan.hidden_size,
-                        plan.vocab_size, compute_dtype(cfg))
+    pipeline = Pipeline(stages, layout, cfg.pipeline_schedule, cfg.microbatches, TokenLoss(compiled=cfg.compile),
+                        plan.hidden_size, plan.vocab_size, compute_dtype(cfg))
     first, last = rounds(jobs)
     metrics = Metrics(cfg.output_dir, layout.rank == 0, last, first, cfg.report_to != "none",
                       progress=not cfg.disable_tqdm)

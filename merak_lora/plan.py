@@ -75,7 +75,8 @@ def make_plan(cfg: Config, num_stages: int, lora_raw: dict | None) -> Plan:
     skeleton = build_skeleton(model_config, compute_dtype(cfg), cfg.trust_remote_code, cfg.attn_implementation)
     parts = find_parts(skeleton, model_config)
     module_names = [n for n, m in skeleton.named_modules() if is_adaptable(m)]
-    names = (tuple(module_names), tuple(linear_names(skeleton, parts)), tuple(n for n, _ in skeleton.named_parameters()))
+    names = (tuple(module_names), tuple(linear_names(skeleton, parts)),
+             tuple(n for n, _ in skeleton.named_parameters()))
     lora_cfg = None if lora_raw is None else build_lora_config(
         lora_raw, model_config.model_type, module_names, list(names[1]), source=cfg.lora_config,
         param_names=list(names[2]))

@@ -42,10 +42,12 @@ class TokenLoss:
     adapter's token count): `per_microbatch` sets them for a step, and the calls take them in turn, since a
     schedule computes the losses in microbatch order (torch's schedules index them by that order)."""
 
-    def __init__(self, chunk_elements: int = 1 << 26) -> None:
+    def __init__(self, chunk_elements: int = 1 << 26, compiled: bool = False) -> None:
         self.normalizer = 1.0
         self.scale = 1.0
         self.chunk_elements = chunk_elements  # logits held at once by the chunked loss (256 MiB in fp32)
+        # with --compile the chunk's loss and gradient are fused too (rows vary with the step: dynamic shapes)
+        self.loss_of_chunk = torch.compile(chunk_loss, dynamic=True) if compiled else chunk_loss
         self._factors: list[float] = []
         self._calls = 0
 
@@ -64,10 +66,33 @@ class TokenLoss:
         if head is not None:
             rows = max(1, self.chunk_elements // head.out_features)
             want_grad = torch.is_grad_enabled() and out.requires_grad
-            return _HeadLoss.apply(out, head.weight, head.bias, targets, factor, rows, want_grad)
+            return _HeadLoss.apply(out, head.weight, head.bias, targets, factor, rows, want_grad, self.loss_of_chunk)
         loss = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss * factor
+
+
+def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+               want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of one chunk of logits (rows x vocabulary) and, with `want_grad`, its gradient times
+    each row's weight, (softmax - one-hot) x weight, in the logits' dtype.
+
+    Compiled (--compile), the one-hot is a comparison, so inductor makes the whole gradient one pass over the
+    logits after the reduction, instead of six fp32 passes (cast, logsumexp, exp, scatter, scale, cast:
+    bench/PERF_NOTES.md); eagerly, the same arithmetic runs in place on the fp32 copy, holding no other
+    chunk-sized temporary."""
+    x = logits.float()
+    picked = targets.clamp(min=0)[:, None]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = ((lse - x.gather(1, picked))[:, 0] * (targets != IGNORE)).sum()
+    if not want_grad:
+        return loss, None
+    if torch.compiler.is_compiling():
+        onehot = torch.arange(x.shape[1], device=x.device)[None, :] == picked
+        grad = ((x - lse).exp() - onehot.float()) * weights[:, None]
+    else:
+        grad = x.sub_(lse).exp_().scatter_add_(1, picked, torch.full_like(lse, -1.0)).mul_(weights[:, None])
+    return loss, grad.to(logits.dtype)
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -80,23 +105,18 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                factor: float, rows: int, want_grad: bool) -> torch.Tensor:
+                factor: float, rows: int, want_grad: bool, loss_of_chunk) -> torch.Tensor:
         h = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
+        weights = (t != IGNORE).float() * factor
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if want_grad else None
         for i in range(0, h.shape[0], rows):
-            tc = t[i:i + rows]
-            valid = tc != IGNORE
-            picked = tc.clamp(min=0)[:, None]
-            logits = F.linear(h[i:i + rows], weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((lse - logits.gather(1, picked))[:, 0] * valid).sum()
+            loss, g = loss_of_chunk(F.linear(h[i:i + rows], weight, bias), t[i:i + rows], weights[i:i + rows],
+                                    want_grad)
+            total += loss
             if want_grad:
-                probs = logits.sub_(lse).exp_()
-                probs.scatter_add_(1, picked, torch.full_like(lse, -1.0))
-                probs.mul_((valid * factor)[:, None])
-                grad[i:i + rows] = probs.to(weight.dtype) @ weight
+                grad[i:i + rows] = g.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
         return total * factor
@@ -104,7 +124,7 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * g).view(ctx.shape), None, None, None, None, None, None
+        return (grad * g).view(ctx.shape), None, None, None, None, None, None, None
 
 
 class Pipeline:

@@ -3,6 +3,10 @@
 Every rank runs the same loop in lock-step. The few numbers all ranks must agree on (loss, gradient norm,
 a stop request) travel in one small all-reduce per step, so a NaN seen on one stage skips the step on all.
 
+With several adapters (--adapters) a step is one optimizer step of every adapter still training: their
+microbatches run in one schedule (data.interleave), and what an adapter trains with is its own (a `Job`: data,
+optimizer, learning rate, clipping, loss scale, skipped steps), so each trains as it would alone.
+
 Stopping: a preemption signal (SIGUSR1/SIGUSR2/SIGTERM) or a first Ctrl-C (SIGINT) lets every rank finish the
 step, save a checkpoint and leave the loop; a second Ctrl-C ends the process at once.
 """

@@ -32,7 +32,7 @@ ENTRIES = {
     "a": {"seq_length": 64, "pad_to_multiple_of": 64, "per_device_train_batch_size": 2,
           "gradient_accumulation_steps": 2, "learning_rate": 5e-3, "seed": 3},
     "b": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 3, "learning_rate": 1e-2, "seed": 5,
-          "warmup_steps": 1, "data_path": "half.json"},
+          "warmup_steps": 1, "data_path": "half.json", "eval_ratio": 0.1},
     "c": {"seq_length": 32, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
           "learning_rate": 2e-3, "lr_scheduler_type": "constant", "max_steps": 2, "seed": 9},
 }
@@ -70,10 +70,10 @@ def _train(cfg: Config) -> None:
     run(cfg)
 
 
-def _losses(out: str, adapter: str = "") -> dict[int, float]:
+def _losses(out: str, adapter: str = "", split: str = "train") -> dict[int, float]:
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train" and r.get("adapter", "") == adapter}
+    return {r["step"]: r["loss"] for r in rows if r["split"] == split and r.get("adapter", "") == adapter}
 
 
 def _final(out: str, adapter: str = "") -> dict[str, torch.Tensor]:
@@ -81,10 +81,12 @@ def _final(out: str, adapter: str = "") -> dict[str, torch.Tensor]:
 
 
 def _assert_same(got_out: str, got_adapter: str, want_out: str) -> None:
-    got, want = _losses(got_out, got_adapter), _losses(want_out)
-    assert got.keys() == want.keys() and got, (got, want)
-    for step in want:
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), f"{got_adapter} step {step}: {got} vs {want}"
+    for split in ("train", "eval"):  # b holds out 10% of its data for an eval loss
+        got, want = _losses(got_out, got_adapter, split), _losses(want_out, "", split)
+        assert got.keys() == want.keys() and (got or split == "eval"), (got, want)
+        for step in want:
+            assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (got_adapter, split, step, got, want)
+    assert _losses(got_out, "b", "eval"), "b's eval loss was not logged"
     a, b = _final(got_out, got_adapter), _final(want_out)
     assert a.keys() == b.keys() and a
     for key in b:

@@ -12,14 +12,16 @@ from merak_lora.data import IGNORE
 from merak_lora.schedule import TokenLoss
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_chunked_head_loss_matches_full_cross_entropy(bias):
+@pytest.mark.parametrize("bias,compiled", [(False, False), (True, False), (True, True)])
+def test_chunked_head_loss_matches_full_cross_entropy(bias, compiled):
+    """Eager and compiled (--compile: one fused pass per chunk, rows of the last chunk dynamic)."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     targets = torch.randint(0, 50, (2, 9))
     targets[0, :4] = IGNORE
-    full, chunked = TokenLoss(), TokenLoss(chunk_elements=4 * 50)  # 18 tokens in chunks of 4: five chunks
+    # 18 tokens in chunks of 4: five chunks, the last of 2 rows
+    full, chunked = TokenLoss(), TokenLoss(chunk_elements=4 * 50, compiled=compiled)
     for fn in (full, chunked):
         fn.normalizer, fn.scale = 14.0, 8.0
     want = F.cross_entropy(head(hidden).reshape(-1, 50), targets.reshape(-1), ignore_index=IGNORE,

@@ -7,6 +7,6 @@ from .encode import DataSpec, Example, TokenizedData, tokenize_records
 from .records import BadRecord, DataError, ReadStats, list_files, parse_field_map
 from .store import Manifest, TokenStore
 
-__all__ = ["IGNORE", "Batch", "Batches", "SampleSet", "collate", "interleave", "pack", "split_eval", "DataSpec", "Example",
-           "TokenizedData", "tokenize_records", "BadRecord", "DataError", "ReadStats", "list_files",
+__all__ = ["IGNORE", "Batch", "Batches", "SampleSet", "collate", "interleave", "pack", "split_eval", "DataSpec",
+           "Example", "TokenizedData", "tokenize_records", "BadRecord", "DataError", "ReadStats", "list_files",
            "parse_field_map", "Manifest", "TokenStore"]
