@@ -42,7 +42,7 @@ def _main_with_fault(argv: list[str], fault: str = "", at_steps: tuple = (), on_
     step, forward, save_file = tr.Trainer.step, st.Stage.forward, ck.save_file
 
     def counting_step(self):
-        current[0] = self.state.global_step + 1
+        current[0] = self.round + 1   # the run's step about to be taken
         return step(self)
 
     def faulty_forward(self, x, **kw):
