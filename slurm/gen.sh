@@ -6,7 +6,8 @@
 #   bash slurm/gen.sh --prompt "你是谁？" --compare_base true
 #
 # Flags are those of run.sh plus --prompt, --prompts FILE, --compare_base, --max_new_tokens, --temperature,
-# --top_k, --top_p, --repetition_penalty, --stop, --system.
+# --top_k, --top_p, --repetition_penalty, --stop, --system; from a checkpoint of several adapters (--adapters),
+# every adapter answers under its name, or those of --adapter_names a,b.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 ROOT=$(merak_root)
