@@ -230,6 +230,14 @@ def build_generator(cfg: GenConfig):
     meta = read_meta(ckpt) if ckpt else None
     if cfg.adapter_path and ckpt:
         raise ConfigError("give either --adapter_path (an exported PEFT adapter) or --resume_peft_from_checkpoint")
+    if cfg.adapter_path and not os.path.isfile(os.path.join(cfg.adapter_path, "adapter_config.json")):
+        inside = sorted(n for n in os.listdir(cfg.adapter_path)
+                        if os.path.isfile(os.path.join(cfg.adapter_path, n, "adapter_config.json"))) \
+            if os.path.isdir(cfg.adapter_path) else []
+        raise ConfigError(f"--adapter_path {cfg.adapter_path}: no adapter_config.json there"
+                          + (f"; it holds the adapters {', '.join(inside)} of a run with --adapters: pass "
+                             f"--adapter_path {os.path.join(cfg.adapter_path, inside[0])}" if inside else
+                             " (a PEFT adapter folder: adapter_config.json + adapter_model.safetensors)"))
     _, world, _ = env_ranks()
     if world == 1:
         return _local_generator(cfg, tokenizer, ckpt, meta), tokenizer, None

@@ -127,9 +127,14 @@ def test_unknown_adapter_name_is_refused(tiny_llama, two, tmp_path, capsys):
     assert chat(["--model_path", tiny_llama, "--resume_peft_from_checkpoint", two, "--adapter_names", "a,c",
                  "--prompt", "hi"]) == 2
     assert export(["--checkpoint", two, "--out", str(tmp_path / "x"), "--adapter_names", "c"]) == 2
+    # the run's end-of-training folder of several adapters, given where one PEFT adapter is expected
+    adapters = os.path.join(os.path.dirname(two), "adapter")
+    assert chat(["--model_path", tiny_llama, "--adapter_path", adapters, "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: --adapter_names a,c: checkpoint {two} holds no adapter 'c'; it holds a, b",
-                   f"error: --adapter_names c: checkpoint {two} holds no adapter 'c'; it holds a, b"]
+                   f"error: --adapter_names c: checkpoint {two} holds no adapter 'c'; it holds a, b",
+                   f"error: --adapter_path {adapters}: no adapter_config.json there; it holds the adapters a, b of "
+                   f"a run with --adapters: pass --adapter_path {os.path.join(adapters, 'a')}"]
     assert not os.path.exists(tmp_path / "x")
 
 
