@@ -208,33 +208,18 @@ class PipelineGenerator:
             return self._run_in_flight(prompts, sampling, adapter, on_token)
         device = self.layout.device
         ids, mask = left_pad(prompts, self.pad_id, device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        if self.static:
-            max_len = ids.shape[1] + sampling.max_new_tokens
-            caches = {s.spec.index: StaticStageCache(self.model_config, range(s.spec.start, s.spec.stop), max_len)
-                      for s in self.stages}
-            key_ok = torch.cat([mask.bool(), mask.new_ones(len(prompts), sampling.max_new_tokens, dtype=torch.bool)],
-                               dim=1)
-        else:
-            caches = {s.spec.index: StageCache(self.model_config, range(s.spec.start, s.spec.stop))
-                      for s in self.stages}
-        decoders = {s.spec.index: StageDecoder(s, caches[s.spec.index], self.graphs) for s in self.stages}
-        filled = 0
+        req = _Request(self, list(range(len(prompts))), ids, mask, sampling, device, self.stages)
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
-        processors = sampling.processors()
-        rngs = row_generators(sampling.seed, range(len(prompts)), device)
-        history = ids
-        step_ids = ids
         self.interrupted = False
         with self._answering(self.stages, adapter):
             for _ in range(sampling.max_new_tokens):
-                seen = attention_bias(key_ok, filled, step_ids.shape[1], self.act_dtype) if self.static else mask
-                logits = self._forward(step_ids, seen, positions, decoders)
-                filled += step_ids.shape[1]
+                q = req.step_ids.shape[1]
+                logits = self._forward(req.step_ids, req.seen(q), req.positions, req.decoders)
+                req.advance(q)
                 tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
                 if logits is not None:
-                    tokens = next_tokens(processors(history, logits.float()), sampling.greedy, rngs)
+                    tokens = next_tokens(req.processors(req.history, logits.float()), sampling.greedy, req.rngs)
                     finished = torch.tensor(stopper.done, device=device)
                     tokens = tokens.masked_fill(finished, self.pad_id)
                     if self._ctrl_c:  # the last stage decides, so every rank stops at the same token
@@ -253,11 +238,8 @@ class PipelineGenerator:
                     on_token([t if not was_done[i] else -1 for i, t in enumerate(tokens.tolist())], done)
                 if all(done):
                     break
-                history = torch.cat([history, tokens[:, None]], dim=1)
-                step_ids = tokens[:, None]
-                if not self.static:  # the static path's masks come from key_ok
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                positions = positions[:, -1:] + 1
+                req.history = torch.cat([req.history, tokens[:, None]], dim=1)
+                req.step_ids = tokens[:, None]
         return generated
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -297,7 +279,7 @@ class PipelineGenerator:
         first, last = r == 0, r == p - 1
         prev, nxt = self._global((r - 1) % p), self._global((r + 1) % p)
         ids, mask = left_pad(prompts, self.pad_id, device)
-        groups = [_Group(self, rows, ids[rows], mask[rows], sampling, device)
+        groups = [_Request(self, rows, ids[rows], mask[rows], sampling, device, [stage])
                   for rows in _split(len(prompts), p)]
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
@@ -350,7 +332,7 @@ class PipelineGenerator:
             work.wait()
         return generated
 
-    def _take(self, g: "_Group", tokens: torch.Tensor, generated: list[list[int]], stopper: StopChecker,
+    def _take(self, g: "_Request", tokens: torch.Tensor, generated: list[list[int]], stopper: StopChecker,
               sampling: Sampling, on_token: TokenCallback | None) -> bool:
         """Rank 0: record a group's new tokens; whether the group is finished (then it is marked so)."""
         was_done = list(stopper.done)
@@ -369,38 +351,47 @@ class PipelineGenerator:
         return not g.alive
 
 
-class _Group:
-    """Some rows of a batch going through the pipeline together: their ids, mask and positions, this rank's
-    cache and step for them, and (on the last stage) what sampling needs."""
+class _Request:
+    """Rows of a batch going through the pipeline together (the whole batch in lockstep, or one group of it in
+    flight): their ids, mask and positions, this rank's cache and step for each of its stages, and (on the last
+    stage) what sampling needs."""
 
     def __init__(self, gen: PipelineGenerator, rows: list[int], ids: torch.Tensor, mask: torch.Tensor,
-                 sampling: Sampling, device: torch.device):
-        stage = gen.stages[0]
-        owned = range(stage.spec.start, stage.spec.stop)
+                 sampling: Sampling, device: torch.device, stages: list[Stage]):
         self.rows, self.mask, self.static, self.act_dtype = rows, mask, gen.static, gen.act_dtype
         self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if gen.static:
-            cache = StaticStageCache(gen.model_config, owned, ids.shape[1] + sampling.max_new_tokens)
             self.key_ok = torch.cat([mask.bool(), mask.new_ones(len(rows), sampling.max_new_tokens,
                                                                dtype=torch.bool)], dim=1)
-        else:
-            cache = StageCache(gen.model_config, owned)
-        self.step = StageDecoder(stage, cache, gen.graphs)
+
+        def cache(stage: Stage) -> StageCache | StaticStageCache:
+            owned = range(stage.spec.start, stage.spec.stop)
+            return StaticStageCache(gen.model_config, owned, ids.shape[1] + sampling.max_new_tokens) \
+                if gen.static else StageCache(gen.model_config, owned)
+        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen.graphs) for s in stages}
         self.step_ids, self.history = ids, ids
         self.processors = sampling.processors()
         self.rngs = row_generators(sampling.seed, rows, device)
         self.filled, self.steps, self.started, self.alive = 0, 0, False, True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's stage on the group's next positions (the prompt first, then one token)."""
-        q = x.shape[1]
-        seen = attention_bias(self.key_ok, self.filled, q, self.act_dtype) if self.static else self.mask
-        out = self.step(x, seen, self.positions)
+    def seen(self, q: int) -> torch.Tensor:
+        """The mask for the next q positions: over the whole static cache, or the growing 2-D one."""
+        return attention_bias(self.key_ok, self.filled, q, self.act_dtype) if self.static else self.mask
+
+    def advance(self, q: int) -> None:
+        """q positions went through every stage of this rank."""
         self.filled += q
         self.positions = self.positions[:, -1:] + 1
-        if not self.static:
+        if not self.static:  # the static path's masks come from key_ok
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.started = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In flight: this rank's one stage on the group's next positions (the prompt first, then one token)."""
+        q = x.shape[1]
+        (step,) = self.decoders.values()
+        out = step(x, self.seen(q), self.positions)
+        self.advance(q)
         return out
 
 
