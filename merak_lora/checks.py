@@ -76,10 +76,14 @@ def checked_resume(cfg: Config, plan: Plan, stage_ids: list[int], lora_cfg=None,
 
 
 def check_shared(specs: list, loras: list) -> None:
-    """What adapters of one run cannot hold apart: the base model's biases are one tensor for all of them."""
+    """What adapters of one run cannot hold apart: the base model's biases are one tensor for all of them; LoRA on
+    fused expert parameters (target_parameters) is not tested with several adapters, so it is refused."""
     if len(specs) < 2:
         return
     for spec, lora in zip(specs, loras):
+        if lora.target_parameters:
+            raise ConfigError(f"adapter {spec.label!r}: target_parameters (LoRA on fused expert weights) is not "
+                              "supported with --adapters yet; train this adapter in a run of its own")
         if lora.bias != "none":
             raise ConfigError(f"adapter {spec.label!r}: bias {lora.bias!r} trains the base model's biases, which "
                               "every adapter of the run shares; use bias \"none\" with --adapters, or train this "
