@@ -150,13 +150,6 @@ class Config:
             raise ConfigError("--lr_scheduler_kwargs must be a JSON object, e.g. '{\"num_cycles\": 2}'")
         return value
 
-    def schedule_for(self, pp: int) -> str:
-        """The schedule that runs: with fewer microbatches than pipeline ranks 1F1B has no steady state and is
-        GPipe, which torch's 1F1B refuses to run, so GPipe runs."""
-        if self.pipeline_schedule == "1f1b" and self.microbatches < pp:
-            return "gpipe"
-        return self.pipeline_schedule
-
     def chunks_per_rank(self) -> int:
         if self.pipeline_schedule in V_SCHEDULES:
             return 2

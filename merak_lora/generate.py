@@ -88,6 +88,19 @@ class StopChecker:
                 self.done[i] = any(s in text for s in self.stop)
         return self.done
 
+    def take(self, rows, tokens: list[int], generated: list[list[int]], on_token: TokenCallback | None) -> list[bool]:
+        """The new tokens of `rows` (the whole batch, or a group of it): appended to the answers of rows not
+        finished before, handed to `on_token` (-1 for every other row); returns the finished rows."""
+        was_done = list(self.done)
+        row_tokens = dict(zip(rows, tokens))
+        for i, t in row_tokens.items():
+            if not was_done[i]:
+                generated[i].append(t)
+        done = self.update(generated)
+        if on_token is not None:
+            on_token([row_tokens[i] if i in row_tokens and not was_done[i] else -1 for i in range(len(done))], done)
+        return done
+
 
 def eos_ids_of(tokenizer, model_config) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -229,14 +242,7 @@ class PipelineGenerator:
                 if tokens[0].item() == INTERRUPTED:
                     self.interrupted = True
                     break
-                was_done = list(stopper.done)
-                for i, t in enumerate(tokens.tolist()):
-                    if not was_done[i]:
-                        generated[i].append(t)
-                done = stopper.update(generated)
-                if on_token is not None:
-                    on_token([t if not was_done[i] else -1 for i, t in enumerate(tokens.tolist())], done)
-                if all(done):
+                if all(stopper.take(req.rows, tokens.tolist(), generated, on_token)):
                     break
                 req.history = torch.cat([req.history, tokens[:, None]], dim=1)
                 req.step_ids = tokens[:, None]
@@ -335,14 +341,7 @@ class PipelineGenerator:
     def _take(self, g: "_Request", tokens: torch.Tensor, generated: list[list[int]], stopper: StopChecker,
               sampling: Sampling, on_token: TokenCallback | None) -> bool:
         """Rank 0: record a group's new tokens; whether the group is finished (then it is marked so)."""
-        was_done = list(stopper.done)
-        row_tokens = dict(zip(g.rows, tokens.tolist()))
-        for i, t in row_tokens.items():
-            if not was_done[i]:
-                generated[i].append(t)
-        done = stopper.update(generated)
-        if on_token is not None:
-            on_token([row_tokens[i] if i in row_tokens and not was_done[i] else -1 for i in range(len(done))], done)
+        done = stopper.take(g.rows, tokens.tolist(), generated, on_token)
         g.steps += 1
         if self._ctrl_c:
             self.interrupted = True
@@ -485,13 +484,7 @@ class _Streamer:
             self.first = False
             return
         tokens = value.reshape(-1).tolist()
-        was_done = list(self.stopper.done)
-        for i, t in enumerate(tokens):
-            if not was_done[i]:
-                self.generated[i].append(t)
-        done = self.stopper.update(self.generated)
-        if self.on_token:
-            self.on_token([t if not was_done[i] else -1 for i, t in enumerate(tokens)], done)
+        self.stopper.take(range(len(tokens)), tokens, self.generated, self.on_token)
 
     def end(self) -> None:
         pass
