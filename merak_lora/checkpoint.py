@@ -215,12 +215,12 @@ def _barrier() -> None:
 
 
 def _save_rank(folder: str, layout, adapters: list[SavedAdapter]) -> None:
-    rngs: list[Any] = [rng_state()]
-    streams: list[Any] = [[a.streams for a in adapters]]
-    if layout.dp > 1:
-        rngs, streams = [None] * layout.dp, [None] * layout.dp
-        dist.all_gather_object(rngs, rng_state(), group=layout.dp_group)
-        dist.all_gather_object(streams, [a.streams for a in adapters], group=layout.dp_group)
+    mine = (rng_state(), [a.streams for a in adapters])
+    both: list[Any] = [mine]
+    if layout.dp > 1:  # every replica's RNG and dropout streams, in one collective
+        both = [None] * layout.dp
+        dist.all_gather_object(both, mine, group=layout.dp_group)
+    rngs, streams = [r for r, _ in both], [s_ for _, s_ in both]
     if layout.dp_rank != 0:
         return
     for k, a in enumerate(adapters):
