@@ -30,6 +30,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
+    """How many answers are token for token the same, and where the others part."""
+    firsts = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ours, theirs)]
+    differ = sorted(f for f in firsts if f is not None)
+    return f"{len(firsts) - len(differ)} of {len(firsts)} prompts" + \
+        ("" if not differ else f" (the others part at tokens {differ})")
+
+
 def graph_check(gen, prompts, adapters) -> list[str]:
     """Greedy tokens of CUDA-graph replay against the same static cache run eagerly, per adapter setting."""
     from merak_lora.generate import Sampling
@@ -39,11 +47,8 @@ def graph_check(gen, prompts, adapters) -> list[str]:
         eager = gen.generate(prompts, Sampling(max_new_tokens=32), adapter=adapter)
         gen.graphs = True
         graphed = gen.generate(prompts, Sampling(max_new_tokens=32), adapter=adapter)
-        firsts = [next((i for i, (x, y) in enumerate(zip(e, r)) if x != y), None) for e, r in zip(eager, graphed)]
-        differ = sorted(f for f in firsts if f is not None)
         notes.append(f"Adapter {'on' if adapter else 'off'}: CUDA-graph replay and the same static cache run "
-                     f"eagerly give the same 32 greedy tokens for {len(firsts) - len(differ)} of {len(firsts)} "
-                     f"prompts{'' if not differ else ' (the others part at tokens ' + str(differ) + ')'}.")
+                     f"eagerly give the same 32 greedy tokens for {agreement(graphed, eager)}.")
     return notes
 
 
@@ -79,7 +84,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--lora", default="true", help="decode with a LoRA adapter on every linear")
-    ap.add_argument("--compile", default="false", help="compile the layers (as gen.sh --compile true does)")
+    ap.add_argument("--compile", default="false",
+                    help="add rows with each stage's one-token step compiled (gen.sh --compile true)")
+    ap.add_argument("--load_in_4bit", default="false", help="the base in 4 bits (bitsandbytes NF4), as gen.sh")
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
@@ -100,11 +107,14 @@ def main() -> None:
     prompts = [torch.randint(3, 1000, (a.prompt_len - 8 * (i % 4),), generator=g).tolist() for i in range(a.batch)]
     bf16 = torch.cuda.is_available()
     # --compare_base true keeps the adapter apart from the base; the merged case (gen.sh without it) is a row below
-    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16, compile=a.compile == "true", compare_base=True)
+    four_bit = a.load_in_4bit == "true"
+    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16, compare_base=True, load_in_4bit=four_bit)
     # --lora true: a random adapter on every linear (B not zero, so it changes the answers), as gen.sh runs one
     meta = {"lora": {"r": 8, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}} \
         if a.lora == "true" else None
     gen, _, layout = _pipeline_generator(cfg, tok, None, meta, world)
+    if meta and not any(".lora_B." in n for st in gen.stages for n, _ in st.model.named_parameters()):
+        raise SystemExit("the stages carry no LoRA adapter: the 'LoRA r=8' rows would measure the base alone")
     if layout.rank != 0:
         gen.serve()
         return
@@ -112,41 +122,68 @@ def main() -> None:
     rows, answers, notes = [], {}, []
     fast = gen.static
     graphs = ", CUDA graphs" if torch.cuda.is_available() else ""
-    variants = ([(f"static cache{graphs}", True, False)] if fast else []) + [("growing cache, no graphs", False, False)]
-    if meta and fast:
-        variants.append((f"static cache{graphs}, adapter merged into the base", True, True))
-    for label, static, merge in variants:
-        if merge:
+    compiled = [False, True] if a.compile == "true" else [False]
+    variants = [(f"static cache{graphs}", True, False, c) for c in compiled] if fast else []
+    variants.append(("growing cache, no graphs", False, False, False))
+    if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
+        variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c) for c in compiled]
+    for label, static, merge, compile_step in variants:
+        if merge and not gen.merged:
             gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
-        gen.static, gen.graphs = static, static and torch.cuda.is_available()
-        # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process
-        gen.generate(prompts, Sampling(max_new_tokens=a.new))
+        gen.static, gen.graphs, gen.compiled = static, static and torch.cuda.is_available(), compile_step
+        label += ", one-token step compiled" if compile_step else ""
+        # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process;
+        # the compiled step compiles here (its time is noted)
+        warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
+        if compile_step:
+            notes.append(f"First request of the compiled row '{label}' (compiling included): {warm:.1f} s.")
         ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
+        if compile_step:  # a request of another length: whether the compiled step is used as it is
+            other = timed(lambda: gen.generate([p[:-16] for p in prompts], Sampling(max_new_tokens=a.new - 16)))
+            notes.append(f"Then a request of other lengths: {other:.1f} s.")
         long_prompt = [torch.randint(3, 1000, (a.ttft_len,), generator=g).tolist()]
         gen.generate(long_prompt, Sampling(max_new_tokens=1))  # its shapes' first time (kernel plans, compiling)
         ttft = timed(lambda: gen.generate(long_prompt, Sampling(max_new_tokens=1)))
         if a.profile:
             show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), f"merak-lora pipeline, {label}")
-        rows.append([f"merak-lora pipeline, pp={a.pp}, {label}{', compiled layers' if cfg.compile else ''}"
+        rows.append([f"merak-lora pipeline, pp={a.pp}, {label}{', 4-bit base' if four_bit else ''}"
                      f"{', LoRA r=8' if meta else ''}", a.batch, a.new, f"{ours_s:.2f}",
                      f"{a.batch * a.new / ours_s:,.0f}", f"{ttft:.3f}"])
-        if static and not merge and torch.cuda.is_available():
+        print(" | ".join(map(str, rows[-1])), flush=True)  # a run cut short keeps the rows it made
+        if compile_step:
+            plain = answers[label.removesuffix(", one-token step compiled")]
+            notes.append(f"'{label}': the same {a.new} greedy tokens as without compiling for "
+                         f"{agreement(answers[label], plain)}.")
+        if static and not merge and not compile_step and torch.cuda.is_available():
             notes += graph_check(gen, prompts, (True, False) if meta else (True,))
     gen.close()
     if torch.cuda.is_available():
-        weights = sum(p.numel() * p.element_size() for st in gen.stages for p in st.model.parameters())
+        # the input embedding gives one row per token; every other weight (a tied head included) is read whole
+        skip = {id(e.weight) for st in gen.stages for e in [st.base_lm().get_input_embeddings()]
+                if e is not None and e.weight is not getattr(st.base_lm().get_output_embeddings(), "weight", None)}
+        weights = sum(p.numel() * p.element_size() for st in gen.stages for p in st.model.parameters()
+                      if id(p) not in skip)
         bandwidth = copy_bandwidth()
-        notes.append(f"Bound for one sequence: every weight read once per token, {weights / 2**30:.1f} GiB on this "
+        notes.append(f"Bound for one sequence: every weight but the input embedding read once per token, "
+                     f"{weights / 2**30:.1f} GiB on this "
                      f"rank at {bandwidth / 1e12:.2f} TB/s (a device copy measured here): "
                      f"{bandwidth / weights:,.0f} tokens/s.")
     if a.pp == 1:
         del gen
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if four_bit:  # the same NF4 base through transformers' own bitsandbytes loading
+            from transformers import BitsAndBytesConfig
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": 0},
+                                                         quantization_config=BitsAndBytesConfig(
+                                                             load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                             bnb_4bit_compute_dtype=dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         if meta:  # the same shape of adapter through PEFT, as `PeftModel.generate` runs a fine-tune
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(**meta["lora"]))
-        model = model.to(device).eval()
+        model = model.eval()
         ids, mask = left_pad(prompts, tok.pad_token_id, device)
         run = lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
                                        do_sample=False, pad_token_id=tok.pad_token_id)
@@ -154,7 +191,8 @@ def main() -> None:
         hf_s = timed(lambda: run(a.new))
         if a.profile:
             show_profile(lambda: run(16), "transformers generate()")
-        rows.append([f"transformers generate(), one process{', PEFT LoRA r=8' if meta else ''}", a.batch, a.new,
+        rows.append([f"transformers generate(), one process{', 4-bit base' if four_bit else ''}"
+                     f"{', PEFT LoRA r=8' if meta else ''}", a.batch, a.new,
                      f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-"])
         if not meta:  # with an adapter the two hold different random LoRA weights
             same = sum(x == y for x, y in zip(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))]))

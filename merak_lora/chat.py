@@ -13,9 +13,10 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
+import torch
 import torch.distributed as dist
 
 from .config import NOT_APPLICABLE, Config, ConfigError, help_text, parse_args
@@ -250,7 +251,8 @@ def build_generator(cfg: GenConfig):
 def _checkpoint_adapters(cfg: GenConfig, ckpt: str | None, meta: dict | None) -> tuple[list, list[str]]:
     """What to load: (PEFT adapter name, folder, meta) per adapter, and the names requests choose from. A
     checkpoint of one adapter gives PEFT's "default" and no names; one of several gives each adapter that
-    --adapter_names picks (all by default) from its own subfolder, a complete one-adapter checkpoint."""
+    --adapter_names picks (all by default) from its own subfolder, a complete one-adapter checkpoint. A meta
+    without a checkpoint (the benchmarks) gives a fresh adapter of its LoRA config, initialised from the seed."""
     from .checkpoint import read_meta
     from .export import pick_adapters
     from .lora import ADAPTER
@@ -259,7 +261,7 @@ def _checkpoint_adapters(cfg: GenConfig, ckpt: str | None, meta: dict | None) ->
         if cfg.adapter_names:
             raise ConfigError("--adapter_names picks adapters of a checkpoint of several; pass it with "
                               "--resume_peft_from_checkpoint")
-        return [], []
+        return ([(ADAPTER, None, meta)] if meta else []), []
     names = pick_adapters(ckpt, meta, cfg.adapter_names)
     if not names:
         return [(ADAPTER, ckpt, meta)], []
@@ -289,14 +291,16 @@ def _local_generator(cfg: GenConfig, tokenizer, ckpt: str | None, meta: dict | N
     if cfg.adapter_path:
         model = PeftModel.from_pretrained(model, cfg.adapter_path)
     for name, folder, m in loaded:
-        check_compatible(folder, m, model.config, m["lora"], stages=[])
+        if folder:
+            check_compatible(folder, m, model.config, m["lora"], stages=[])
         with warnings.catch_warnings():  # PEFT warns of short names inside its "lora_" prefix: harmless here
             warnings.simplefilter("ignore")
             if isinstance(model, PeftModel):
                 model.add_adapter(name, peft_config(m))
             else:
                 model = get_peft_model(model, peft_config(m), adapter_name=name)
-        load_adapter(folder, m, {0: adapter_params(model, name)})
+        if folder:
+            load_adapter(folder, m, {0: adapter_params(model, name)})
     model.eval()
     return LocalGenerator(model, tokenizer, model.config, names)
 
@@ -305,7 +309,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .checkpoint import check_compatible, load_adapter
     from .checks import checked_quantization
     from .layout import init_distributed
-    from .lora import adapter_params, merge_for_generation
+    from .lora import adapter_params, adapters_in_dtype, merge_for_generation
     from .models import NO_PIPELINE_GENERATION
     from .plan import build_stages, compute_dtype, make_plan
 
@@ -320,13 +324,16 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
                           "launch/gen_text.py with the same flags (transformers' generate on the whole model)")
     loras = [plan.lora_cfg] + [plan.resolve_lora(_lora_raw(m), folder) for _, folder, m in loaded[1:]]
     for _, folder, m in loaded:
-        check_compatible(folder, m, plan.model_config, m["lora"], stages=[])
+        if folder:
+            check_compatible(folder, m, plan.model_config, m["lora"], stages=[])
     layout = init_distributed(pp, chunks, cfg.pipeline_schedule in ("zbv", "dualpipev"), cfg.device, cfg.dist_timeout)
     if layout.dp > 1:
         raise ConfigError(f"generation runs one pipeline: launch {pp} ranks or pass --pp {world}")
-    stages = build_stages(cfg, plan, layout, checked_quantization(cfg, layout.device),
+    # --compile compiles each stage's one-token step as a whole (decode.py), not its layers one by one
+    stages = build_stages(replace(cfg, compile=False), plan, layout,
+                          checked_quantization(cfg, layout.device),
                           [(name, lora, cfg.seed) for (name, _, _), lora in zip(loaded, loras)])
-    for name, folder, m in loaded:
+    for name, folder, m in [a for a in loaded if a[1]]:
         load_adapter(folder, m, {s.spec.index: adapter_params(s.model, name) for s in stages})
     for s in stages:
         s.eval()
@@ -334,8 +341,16 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
             p.requires_grad_(False)
     gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg),
                             names)
+    gen.compiled = cfg.compile
+    if cfg.compile:  # a compiled step per adapter setting, batch size and cache length (decode.py)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        log.info("--compile: each stage's one-token step compiles during the first answer of each new shape "
+                 "(about a minute at 8B; later answers of that shape reuse it)")
     if len(loaded) == 1 and not cfg.compare_base:  # the base is never asked for: decode with the adapter folded in
         gen.merged = sum(merge_for_generation(s.model) for s in stages) > 0
+    if not gen.merged:
+        for s in stages:
+            adapters_in_dtype(s.model, compute_dtype(cfg))
     return gen, tokenizer, layout
 
 

@@ -79,7 +79,8 @@ class Config:
     no_tie_modules: bool = _help("Give first and last stage separate copies of tied embeddings.", default=False)
     split_method: str = _help("How the model is cut (Merak flag); only layer_split applies.", default="layer_split")
     gradient_checkpointing: bool = _help("Recompute each decoder layer in backward to save memory.", default=False)
-    compile: bool = _help("torch.compile each decoder layer (fuses norms, rotary, activations, LoRA adds).",
+    compile: bool = _help("torch.compile each decoder layer (fuses norms, rotary, activations, LoRA adds); "
+                          "generating, each stage's one-token step.",
                           default=False)
     # --- optimisation ------------------------------------------------------------------------------
     learning_rate: float = _help("Peak learning rate.", default=2e-4)

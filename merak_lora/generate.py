@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, static_decoding
+from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, cache_length, static_decoding
 from .layout import Layout, rank_of_stage
 from .lora import AdapterSwitch
 from .stage import Stage
@@ -161,6 +161,7 @@ class PipelineGenerator:
         self.static = static_decoding(self.stages[0].base_lm(), text)  # a fixed-size cache and prepared masks
         self.graphs = self.static and layout.device.type == "cuda"
         self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
+        self.compiled = False  # the one-token step of each stage compiled (decode.compiled_stage_step)
         # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once;
         # not for models that keep decoding state in their own modules (transformers marks them `_is_stateful`:
         # RecurrentGemma), which one group would overwrite for another
@@ -360,14 +361,15 @@ class _Request:
         self.rows, self.mask, self.static, self.act_dtype = rows, mask, gen.static, gen.act_dtype
         self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if gen.static:
-            self.key_ok = torch.cat([mask.bool(), mask.new_ones(len(rows), sampling.max_new_tokens,
-                                                               dtype=torch.bool)], dim=1)
+            used = ids.shape[1] + sampling.max_new_tokens
+            self.key_ok = torch.cat([mask.bool(), mask.new_ones(len(rows), sampling.max_new_tokens, dtype=torch.bool),
+                                     mask.new_zeros(len(rows), cache_length(used) - used, dtype=torch.bool)], dim=1)
 
         def cache(stage: Stage) -> StageCache | StaticStageCache:
             owned = range(stage.spec.start, stage.spec.stop)
-            return StaticStageCache(gen.model_config, owned, ids.shape[1] + sampling.max_new_tokens) \
+            return StaticStageCache(gen.model_config, owned, self.key_ok.shape[1]) \
                 if gen.static else StageCache(gen.model_config, owned)
-        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen.graphs) for s in stages}
+        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen.graphs, gen.compiled) for s in stages}
         self.step_ids, self.history = ids, ids
         self.processors = sampling.processors()
         self.rngs = row_generators(sampling.seed, rows, device)

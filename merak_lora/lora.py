@@ -306,6 +306,15 @@ def merge_for_generation(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def adapters_in_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hold the adapter tensors in the activations' dtype for generation: the LoRA forward casts them to it at
+    every call (`_lora_linear_forward`), which in decoding is two more kernels per target for every token."""
+    for name, p in model.named_parameters():
+        if ".lora_" in name and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+@torch.no_grad()
 def init_adapter(model: nn.Module, seed: int, how: bool | str = True, adapter: str = ADAPTER) -> None:
     """Initialise every LoRA tensor of `adapter` from (seed, its global name), whatever the stage layout.
 

@@ -208,6 +208,63 @@ def test_static_cache_decodes_like_the_growing_cache(tiny_llama, memorised):
     assert static[0] != static[2], "sampling changed nothing"
 
 
+def _answers_compiled(model: str, ckpt: str, prompts: list[list[int]], samplings: list[dict]):
+    """Each sampling's answers with the adapter and without, from a generator that compiles its one-token step."""
+    from merak_lora.chat import GenConfig, build_generator
+    gen, _, layout = build_generator(GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, device="cpu",
+                                               compare_base=True, compile=True))
+    if layout.rank != 0:
+        gen.serve()
+        return None
+    assert gen.compiled and gen.in_flight
+    out = [gen.generate(prompts, GenConfig(max_new_tokens=16, **s).sampling(), adapter=a)
+           for s in samplings for a in (True, False)]
+    gen.close()
+    return out
+
+
+def test_compiled_step_decodes_like_the_eager_step(tiny_llama, memorised):
+    """--compile true compiles each stage's one-token step as a whole: on two stages with groups in flight, with
+    the adapter and without, greedy and sampled, the tokens of one process that does not compile."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    samplings = [{}, dict(temperature=0.8, top_k=20, seed=3)]
+    compiled = run_ranks(_answers_compiled, 2, tiny_llama, ckpt, prompts, samplings)[0]
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, device="cpu", compare_base=True)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    assert not gen.compiled
+    eager = [gen.generate(prompts, GenConfig(max_new_tokens=16, **s).sampling(), adapter=a)
+             for s in samplings for a in (True, False)]
+    assert compiled == eager
+    assert eager[0] != eager[1] and eager[0] != eager[2], "the adapter and sampling change the answers"
+
+
+def test_adapter_held_in_the_activation_dtype_computes_the_same():
+    """Generation keeps an unmerged adapter in the activations' dtype (`lora.adapters_in_dtype`): the LoRA
+    forward cast it to that dtype at every call anyway, so bf16 logits stay bit for bit the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import LoraConfig
+    from merak_lora.lora import adapters_in_dtype, apply_lora
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model = apply_lora(lm, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
+                       seed=1).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    kept = [p.dtype for n, p in model.named_parameters() if ".lora_" in n]
+    assert set(kept) == {torch.float32}, "PEFT keeps the adapter in fp32"
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        adapters_in_dtype(model, torch.bfloat16)
+        after = model(input_ids=ids).logits
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" in n} == {torch.bfloat16}
+    assert torch.equal(before, after)
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.equal(after, model(input_ids=ids).logits), "the adapter changes the logits"
+
+
 def test_adapter_merged_for_generation_answers_as_unmerged(tiny_llama, memorised):
     """Without --compare_base the adapter is folded into the base weights: the same greedy tokens as the
     unmerged adapter, and asking the merged generator for the base model is refused, not answered wrongly."""
