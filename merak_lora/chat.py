@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
-from .config import NOT_APPLICABLE, Config, ConfigError, help_text, parse_args
+from .config import NOT_APPLICABLE, Config, ConfigError, _help, help_text, parse_args
 from .generate import Adapter, LocalGenerator, PipelineGenerator, Sampling
 from .templates import Formatter
 
@@ -33,19 +33,23 @@ NOT_APPLICABLE_HERE = {**NOT_APPLICABLE, "return_logits": "answers are decoded t
 class GenConfig(Config):
     """The fine-tuning flags (so gen.sh can reuse run.sh's) plus the generation ones."""
 
-    prompt: str = ""
-    prompts: str = ""
-    output_file: str = ""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: list = None  # type: ignore[assignment]
-    gen_batch_size: int = 8
-    compare_base: bool = False
-    adapter_path: str = ""
-    adapter_names: str = ""  # a checkpoint of several adapters: answer with these (comma-separated), not all
+    prompt: str = _help("Answer this one prompt and exit (no chat).", default="")
+    prompts: str = _help("Answer a file of prompts (one per line, or JSON lines with prompt/instruction/text) in "
+                         "batches, into --output_file.", default="")
+    output_file: str = _help("Where --prompts answers go as JSON lines; default: <output_dir>/generations.jsonl.",
+                             default="")
+    max_new_tokens: int = _help("Longest answer, in tokens.", default=256)
+    temperature: float = _help("0 decodes greedily; above 0 samples (with --seed).", default=0.0)
+    top_k: int = _help("Sample from the k likeliest tokens; 0: all.", default=0)
+    top_p: float = _help("Sample from the smallest set of tokens of this total probability; 1: all.", default=1.0)
+    repetition_penalty: float = _help("Above 1 makes tokens already in the text less likely.", default=1.0)
+    stop: list = _help("End an answer at any of these strings (--stop A B ...).", default=None)
+    gen_batch_size: int = _help("Prompts of a --prompts file decoded together (at least the stage count keeps "
+                                "every stage busy).", default=8)
+    compare_base: bool = _help("Show the base model's answer beside the fine-tuned one (the adapter then stays "
+                               "apart from the base weights instead of merged).", default=False)
+    adapter_path: str = _help("An exported PEFT adapter folder to answer with (one process).", default="")
+    adapter_names: str = _help("A checkpoint of several adapters: answer with these (a,b), not all.", default="")
 
     def sampling(self) -> Sampling:
         return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,

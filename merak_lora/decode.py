@@ -150,19 +150,35 @@ def cache_length(needed: int) -> int:
 
 class StageDecoder:
     """One stage's forward for one request: eager for the prompt, graphed for each further token on CUDA,
-    compiled as well when asked (`compiled`)."""
+    compiled as well when the generator asks (`options.compiled`). A step that does not compile decodes
+    uncompiled with one warning, and `options.compiled` is turned off for the generator's later requests."""
 
-    def __init__(self, stage, cache, graphs: bool, compiled: bool = False):
-        self.stage, self.cache = stage, cache
-        self.graphs = graphs and isinstance(cache, StaticStageCache)
-        self.one_token = compiled_stage_step if compiled and isinstance(cache, StaticStageCache) else stage_step
+    def __init__(self, stage, cache, options):
+        self.stage, self.cache, self.options = stage, cache, options
+        self.graphs = options.graphs and isinstance(cache, StaticStageCache)
+        self.compiled = options.compiled and isinstance(cache, StaticStageCache)
         self.graphed: GraphedStep | None = None
+        self.tried = False  # whether the compiled step has run once (compiling) for this request
 
     def _step(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return stage_step(self.stage, self.cache, x, mask, positions)
 
     def _one_token(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.one_token(self.stage, self.cache, x, mask, positions)
+        if not self.compiled:
+            return self._step(x, mask, positions)
+        if self.tried:
+            return compiled_stage_step(self.stage, self.cache, x, mask, positions)
+        self.tried = True
+        lengths = [n.clone() for n in self.cache.lengths()]
+        try:
+            return compiled_stage_step(self.stage, self.cache, x, mask, positions)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the step itself still runs eagerly
+            log.warning(f"stage {self.stage.spec.index}: decoding without compiling "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+            for now, before in zip(self.cache.lengths(), lengths):  # a step that ran partly is run again
+                now.copy_(before)
+            self.compiled = self.options.compiled = False
+            return self._step(x, mask, positions)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != 1:

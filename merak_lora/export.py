@@ -43,8 +43,18 @@ def peft_config(meta: dict, base_path: str | None = None) -> LoraConfig:
     return LoraConfig(**lora)
 
 
-def export_adapter(ckpt: str, out: str) -> str:
+def _one_adapter_meta(ckpt: str) -> dict:
+    """The meta of a checkpoint of one adapter; the root of one of several names its subfolders instead."""
     meta = read_meta(ckpt)
+    if meta.get("adapters"):
+        names = list(meta["adapters"])
+        raise ConfigError(f"checkpoint {ckpt} holds several adapters ({', '.join(names)}): pass one of its "
+                          f"subfolders, e.g. {os.path.join(ckpt, names[0])}, or pick with --adapter_names")
+    return meta
+
+
+def export_adapter(ckpt: str, out: str) -> str:
+    meta = _one_adapter_meta(ckpt)
     return write_adapter(out, load_adapter_tensors(ckpt, meta), peft_config(meta))
 
 
@@ -112,7 +122,7 @@ def _scaling(cfg: LoraConfig, module: str) -> tuple[int, float]:
 
 def merge(ckpt: str, out: str, model_path: str | None = None) -> str:
     """Write base weights + B @ A * scaling as a Hugging Face model folder, shard by shard."""
-    meta = read_meta(ckpt)
+    meta = _one_adapter_meta(ckpt)
     base = model_path or meta["model_path"]
     cfg = peft_config(meta, base)
     if cfg.use_dora:

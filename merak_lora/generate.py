@@ -369,7 +369,7 @@ class _Request:
             owned = range(stage.spec.start, stage.spec.stop)
             return StaticStageCache(gen.model_config, owned, self.key_ok.shape[1]) \
                 if gen.static else StageCache(gen.model_config, owned)
-        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen.graphs, gen.compiled) for s in stages}
+        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen) for s in stages}
         self.step_ids, self.history = ids, ids
         self.processors = sampling.processors()
         self.rngs = row_generators(sampling.seed, rows, device)

@@ -30,6 +30,17 @@ def test_data_scale_bench_runs(tmp_path):
     assert "bad.jsonl: invalid JSON at line 2500" in out
 
 
+def test_data_scale_bench_runs_several_adapters(tmp_path):
+    """Two adapters, each with its own records: the cold launch tokenizes both data sets (their two log lines
+    summed), the second reads both from the cache."""
+    out = run_bench("data_scale.py", "--records", "2000", "--workdir", str(tmp_path), "--adapters", "2")
+    cold = re.search(r"2 x 2,000 \(\d+ MB\) \| cold: tokenize \| 2 \| \d+ \| ([\d.]+) \| ([\d,]+) \|", out)
+    assert cold and float(cold.group(1)) >= 0, out[-1500:]
+    assert re.search(r"2 x 2,000 \(\d+ MB\) \| second launch: cache \| 2 \| \d+ \| - \| \(cached\) \|", out)
+    manifests = [n for n in os.listdir(tmp_path / "cache-2000-2") if n.startswith("dataset-")]
+    assert len(manifests) == 2, "each adapter's data set is cached on its own"
+
+
 def test_one_gpu_bench_runs():
     out = run_bench("one_gpu.py", "--arch", "tiny", "--seq", "64", "--steps", "1", "--warmup", "1",
                     "--variants", "plain_gc,ours")

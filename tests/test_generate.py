@@ -241,6 +241,35 @@ def test_compiled_step_decodes_like_the_eager_step(tiny_llama, memorised):
     assert eager[0] != eager[1] and eager[0] != eager[2], "the adapter and sampling change the answers"
 
 
+def test_a_step_that_does_not_compile_decodes_uncompiled(tiny_llama, memorised, monkeypatch, caplog):
+    """A compiler failure in the one-token step (here after the step has already written the cache) costs one
+    warning: the step is rewound and run uncompiled, the answers are the uncompiled ones, and the generator stops
+    compiling for later requests."""
+    from merak_lora import decode
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=12, device="cpu",
+                    compare_base=True)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    want = gen.generate(prompts, cfg.sampling())
+    calls = []
+
+    def breaks(*args):
+        calls.append(1)
+        decode.stage_step(*args)  # the cache is written, then the "compiler" fails
+        raise RuntimeError("inductor: unsupported operation\nmore detail")
+    monkeypatch.setattr(decode, "compiled_stage_step", breaks)
+    gen.compiled = True
+    with caplog.at_level("WARNING", logger="merak_lora"):
+        assert gen.generate(prompts, cfg.sampling()) == want
+    assert len(calls) == 1 and not gen.compiled
+    assert [r.getMessage() for r in caplog.records] == [
+        "stage 0: decoding without compiling (RuntimeError: inductor: unsupported operation)"]
+    assert gen.generate(prompts, cfg.sampling()) == want and len(calls) == 1
+
+
 def test_adapter_held_in_the_activation_dtype_computes_the_same():
     """Generation keeps an unmerged adapter in the activations' dtype (`lora.adapters_in_dtype`): the LoRA
     forward cast it to that dtype at every call anyway, so bf16 logits stay bit for bit the same."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -136,6 +137,14 @@ def test_unknown_adapter_name_is_refused(tiny_llama, two, tmp_path, capsys):
                    f"error: --adapter_path {adapters}: no adapter_config.json there; it holds the adapters a, b of "
                    f"a run with --adapters: pass --adapter_path {os.path.join(adapters, 'a')}"]
     assert not os.path.exists(tmp_path / "x")
+    # the library calls that take one adapter's checkpoint, given the root of several
+    from merak_lora.config import ConfigError
+    from merak_lora.export import export_adapter, merge
+    for call in (lambda: export_adapter(two, str(tmp_path / "y")), lambda: merge(two, str(tmp_path / "y"))):
+        with pytest.raises(ConfigError, match=f"holds several adapters \\(a, b\\): pass one of its subfolders, "
+                                              f"e.g. {re.escape(os.path.join(two, 'a'))}"):
+            call()
+    assert not os.path.exists(tmp_path / "y")
 
 
 def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
