@@ -148,7 +148,7 @@ def main() -> None:
         for label, ranks, pp in (("cold: tokenize", a.ranks, a.ranks), ("second launch: cache", a.ranks, a.ranks),
                                  ("cache, 3 stages", 3, 3)):
             r = launch(model, data, out, cache, ranks, pp)
-            rate = r["rate"] if r["tokenize_s"] and not r["cached"] else "(cached)"
+            rate = r["rate"] if r["tokenize_s"] is not None and not r["cached"] else "(cached)"
             peaks = " / ".join(f"{r['peaks'].get(i, float('nan')):.2f}" for i in range(ranks))
             size = f"{count:,} ({mb:,.0f} MB)" if a.adapters == 1 else f"{a.adapters} x {count:,} ({mb:,.0f} MB)"
             rows.append([size, label, ranks, f"{r['first_step_s']:.0f}",
