@@ -337,8 +337,9 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     stages = build_stages(replace(cfg, compile=False), plan, layout,
                           checked_quantization(cfg, layout.device),
                           [(name, lora, cfg.seed) for (name, _, _), lora in zip(loaded, loras)])
-    for name, folder, m in [a for a in loaded if a[1]]:
-        load_adapter(folder, m, {s.spec.index: adapter_params(s.model, name) for s in stages})
+    for name, folder, m in loaded:
+        if folder:  # a fresh adapter (the benchmarks') has nothing to load
+            load_adapter(folder, m, {s.spec.index: adapter_params(s.model, name) for s in stages})
     for s in stages:
         s.eval()
         for p in s.parameters():
