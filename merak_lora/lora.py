@@ -272,8 +272,7 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     (bench/RESULTS.md)."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
-    if (args or kwargs or self.disable_adapters or self.merged or name is None or name not in self.lora_A
-            or name in self.lora_variant or self.lora_B[name].bias is not None):
+    if args or kwargs or self.disable_adapters or self.merged or name is None or not _plain(self, name):
         return LoraLinear.forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     a = self.lora_A[name].weight
@@ -286,6 +285,12 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
                       self.lora_B[name].weight.to(x.dtype).t(), alpha=self.scaling[name])
     return out.view_as(result)
+
+
+def _plain(mod: LoraLinear, name: str) -> bool:
+    """Whether adapter `name` of this LoRA linear is a plain A, B pair that `_lora_linear_forward` computes itself
+    (not DoRA or another PEFT variant, no bias on B)."""
+    return name in mod.lora_A and name not in mod.lora_variant and mod.lora_B[name].bias is None
 
 
 def _dropped_low_rank(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
@@ -307,11 +312,15 @@ def merge_for_generation(model: nn.Module) -> int:
 
 @torch.no_grad()
 def adapters_in_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Hold the adapter tensors in the activations' dtype for generation: the LoRA forward casts them to it at
-    every call (`_lora_linear_forward`), which in decoding is two more kernels per target for every token."""
-    for name, p in model.named_parameters():
-        if ".lora_" in name and p.is_floating_point():
-            p.data = p.data.to(dtype)
+    """Hold the adapter tensors in the activations' dtype for generation, where `_lora_linear_forward` computes
+    them: it casts them to that dtype at every call (in decoding, two more kernels per target for every token),
+    so results stay the same. PEFT's own layers (quantized bases, DoRA) cast the activations to the adapter's
+    dtype instead, and keep theirs."""
+    for mod in model.modules():
+        if type(mod) is LoraLinear:
+            for name in [n for n in mod.lora_A if _plain(mod, n)]:
+                for t in (mod.lora_A[name].weight, mod.lora_B[name].weight):
+                    t.data = t.data.to(dtype)
 
 
 @torch.no_grad()
