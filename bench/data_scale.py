@@ -73,13 +73,13 @@ def adapters_file(workdir: str, count: int, k: int) -> str:
     return path
 
 
-def launch(model: str, data: str, out: str, cache: str, ranks: int, pp: int, expect: int = 0) -> dict:
+def launch(model: str, data: str, out: str, cache: str, ranks: int, pp: int, expect: int = 0,
+           data_flag: str = "--data_path") -> dict:
     """One training launch to its first step (or to its error, when `expect` is not 0); what it took and each
-    rank's peak RSS. `data` is a data file, or an adapters.json (several adapters, each with its data)."""
+    rank's peak RSS. `data` is a data file, or with `data_flag` "--adapters" an adapters.json."""
     shutil.rmtree(out, ignore_errors=True)
-    source = ["--adapters", data] if data.endswith(".json") and "adapters-" in data else ["--data_path", data]
     argv = [sys.executable, "-m", "merak_lora.launch", "--nproc_per_node", str(ranks),
-            os.path.join(ROOT, "launch", "finetune.py"), "--model_path", model, *source,
+            os.path.join(ROOT, "launch", "finetune.py"), "--model_path", model, data_flag, data,
             "--lora_config", os.path.join(ROOT, "configs", "lora_config.json"), "--output_dir", out,
             "--data_cache_dir", cache, "--pp", str(pp), "--max_steps", "1", "--save", "false",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", str(max(pp, 2)),
@@ -147,14 +147,15 @@ def main() -> None:
         out = os.path.join(a.workdir, "out")
         for label, ranks, pp in (("cold: tokenize", a.ranks, a.ranks), ("second launch: cache", a.ranks, a.ranks),
                                  ("cache, 3 stages", 3, 3)):
-            r = launch(model, data, out, cache, ranks, pp)
+            r = launch(model, data, out, cache, ranks, pp, data_flag="--adapters" if a.adapters > 1 else "--data_path")
             rate = r["rate"] if r["tokenize_s"] is not None and not r["cached"] else "(cached)"
             peaks = " / ".join(f"{r['peaks'].get(i, float('nan')):.2f}" for i in range(ranks))
             size = f"{count:,} ({mb:,.0f} MB)" if a.adapters == 1 else f"{a.adapters} x {count:,} ({mb:,.0f} MB)"
             rows.append([size, label, ranks, f"{r['first_step_s']:.0f}",
                          r["tokenize_s"] if r["tokenize_s"] is not None else "-", rate, peaks])
             print(" | ".join(map(str, rows[-1])), flush=True)
-        if a.bad_line and a.bad_line <= count and not notes and a.adapters == 1:  # once, on the first size that has the line
+        # once, on the first size that has the line (one data set)
+        if a.bad_line and a.bad_line <= count and not notes and a.adapters == 1:
             # a malformed record deep in the file: the error after one pass, then the relaunch after the fix
             bad = with_bad_line(data, os.path.join(a.workdir, "bad.jsonl"), a.bad_line)
             bad_cache = os.path.join(a.workdir, "cache-bad")

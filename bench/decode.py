@@ -135,12 +135,11 @@ def main() -> None:
         # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process;
         # the compiled step compiles here (its time is noted)
         warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
-        if compile_step:
-            notes.append(f"First request of the compiled row '{label}' (compiling included): {warm:.1f} s.")
         ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
-        if compile_step:  # a request of another length: whether the compiled step is used as it is
+        if compile_step:  # then a request of other lengths: whether the compiled step is used as it is
             other = timed(lambda: gen.generate([p[:-16] for p in prompts], Sampling(max_new_tokens=a.new - 16)))
-            notes.append(f"Then a request of other lengths: {other:.1f} s.")
+            notes.append(f"First request of the compiled row '{label}' (compiling included): {warm:.1f} s. "
+                         f"Then a request of other lengths: {other:.1f} s.")
         long_prompt = [torch.randint(3, 1000, (a.ttft_len,), generator=g).tolist()]
         gen.generate(long_prompt, Sampling(max_new_tokens=1))  # its shapes' first time (kernel plans, compiling)
         ttft = timed(lambda: gen.generate(long_prompt, Sampling(max_new_tokens=1)))
