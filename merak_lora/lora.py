@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch.utils.checkpoint import checkpoint
 
+from . import fused_lora
 from .config import ConfigError
 from .models import default_targets, is_adaptable, is_linear
 
@@ -265,10 +266,12 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     tiny) instead of the activations (PEFT casts x to fp32, an extra copy of every input in bf16 training), and
     the low-rank product is added to the base output in one addmm. Anything unusual goes to PEFT's own forward.
 
-    Under `torch.compile`, a dropout in training is recomputed in the backward (the partitioner replays its
-    RNG state) instead of saved: x itself is shared by the projections reading it (q,k,v; gate,up), but each
-    dropout's output and mask are its own, which with seven targets made up 40% of what a Llama decoder layer
-    kept for its backward. Eager mode keeps them: a checkpoint per linear there costs ~1 ms of host time each
+    Under `torch.compile`, a dropout in training keeps neither its output nor its mask for the backward: x
+    itself is shared by the projections reading it (q,k,v; gate,up), but each dropout's output and mask are its
+    own, which with seven targets made up 40% of what a Llama decoder layer kept. Where Triton runs, `fused_lora`
+    draws the mask inside the down projection and again in its backward from a saved seed; elsewhere the
+    partitioner recomputes the dropout (replaying its RNG state). Eager mode keeps them: there a checkpoint per
+    linear costs ~1 ms of host time, and the fused op's Python dispatch made an eager H100 step 30% slower
     (bench/RESULTS.md)."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
@@ -279,7 +282,10 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     drop = self.lora_dropout[name]
     if (torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0
             and torch.is_grad_enabled()):
-        low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
+        if fused_lora.usable(x):
+            low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
+        else:
+            low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),

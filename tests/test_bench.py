@@ -47,6 +47,15 @@ def test_one_gpu_bench_runs():
     assert "| plain_gc | 1 | True |" in out and "| ours | 1 | False |" in out and "failed" not in out
 
 
+@pytest.mark.triton
+def test_lora_dropout_bench_runs():
+    """The kernels' bench on the CPU, through Triton's interpreter: its correctness check against the mask runs."""
+    out = run_bench("lora_dropout.py", "--tokens", "32", "--widths", "64", "--sweep", "false")
+    for name in ("eager PyTorch", "compiled, dropout recomputed (before)", "fused Triton kernels"):
+        assert re.search(rf"\| 32 x 64 \| {re.escape(name)}", out), name
+    assert "32 x 64: keeps" in out
+
+
 def test_decode_bench_runs():
     out = run_bench("decode.py", "--arch", "tiny", "--batch", "2", "--prompt_len", "16", "--new", "4")
     assert "merak-lora pipeline, pp=1" in out and "transformers generate()" in out

@@ -1,6 +1,7 @@
 """What the memory savers change is only what is kept for the backward: the chunked head loss gives the loss and
 hidden-state gradient of full-logits cross-entropy, and LoRA dropout recomputed in the backward of a compiled
-layer uses the very mask of the forward (the eager case, which saves the mask, checks the test itself)."""
+layer, or drawn inside the fused Triton down projection, uses the very mask of the forward in the backward (the
+eager case, which saves the mask, checks the test itself)."""
 
 from __future__ import annotations
 
@@ -64,13 +65,19 @@ def test_last_stage_hands_hidden_states_to_the_loss_only_while_training(tiny_lla
     assert stage.loss_head is None
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_recomputed_dropout_uses_the_forward_mask(compiled):
+@pytest.mark.parametrize("compiled,fused", [(False, False), (True, False), (True, True)])
+def test_dropout_backward_uses_the_forward_mask(compiled, fused, monkeypatch):
     """A square adapter (in = out = r) lets the test read the dropped input back from the forward's output and
-    derive lora_A's gradient by hand; a mask drawn afresh in the backward would differ in half the entries."""
+    derive lora_A's and the input's gradients by hand; a mask drawn afresh in the backward would differ in half
+    the entries. fused: the mask drawn inside the Triton down projection (run by Triton's interpreter here)
+    and drawn again from its seed in the backward; otherwise the compiler's recomputed dropout, or eager's."""
     from peft import LoraConfig
 
+    from merak_lora import fused_lora
     from merak_lora.lora import apply_lora
+    if fused:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # see tests/conftest.py
+    torch._dynamo.reset()  # the environment is not among dynamo's guards: no graph of another case is reused
     torch.manual_seed(0)
     r = 8
     net = torch.nn.Sequential(torch.nn.Linear(r, r, bias=False))
@@ -80,13 +87,21 @@ def test_recomputed_dropout_uses_the_forward_mask(compiled):
     lin = model.base_model.model[0]
     if compiled:
         lin.forward = torch.compile(lin.forward)
-    x = torch.randn(64, r)
+    launched = []
+    for name in ("launch_down", "launch_down_backward"):
+        real = getattr(fused_lora, name)
+        monkeypatch.setattr(fused_lora, name, lambda *a, _real=real, _name=name, **kw: (launched.append(_name),
+                                                                                         _real(*a, **kw))[1])
+    x = torch.randn(64, r, requires_grad=True)
     y = lin(x)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
+    assert launched == (["launch_down", "launch_down_backward"] if fused else [])
     a, b, s = lin.lora_A["default"].weight, lin.lora_B["default"].weight, lin.scaling["default"]
     with torch.no_grad():
         dropped = ((y - lin.base_layer(x)) / s) @ torch.linalg.inv(b).T @ torch.linalg.inv(a).T
         assert 0.3 < (dropped.abs() < 1e-4).float().mean() < 0.7  # dropout really dropped about half
         want = s * (upstream @ b).T @ dropped
+        want_x = upstream @ lin.base_layer.weight + s * (upstream @ b @ a) * (dropped / x)
     assert torch.allclose(a.grad, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    assert torch.allclose(x.grad, want_x, rtol=1e-3, atol=1e-3 * want_x.abs().max().item())

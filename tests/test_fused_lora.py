@@ -1,0 +1,75 @@
+"""The fused LoRA down projection (merak_lora.fused_lora) against dropout(x) @ A.T written out in torch with the
+kernels' own mask, forward and backward, on shapes that leave partial tiles in every direction. Triton's
+interpreter runs the kernels on the CPU (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merak_lora import fused_lora
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.mark.parametrize("m,k,r,p,dtype", [
+    (70, 64, 6, 0.1, torch.float32),     # rows and rank not multiples of a tile
+    (33, 136, 24, 0.5, torch.float32),   # columns past one 128-wide block, a rank over 16
+    (96, 256, 8, 0.25, torch.bfloat16),  # bf16 activations, an fp32 adapter (as in training)
+])
+def test_fused_down_projection_matches_torch_with_the_same_mask(m, k, r, p, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, m, k).to(dtype).requires_grad_(True)
+    a = torch.randn(r, k, requires_grad=True)
+    seed = fused_lora.new_seed(x.device)
+    out = fused_lora.dropped_down(x, a, seed, p)
+
+    keep = fused_lora.dropout_mask(seed, (2 * m, k), p, x.device).view(2, m, k)
+    assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    x_ref = x.detach().clone().requires_grad_(True)
+    a_ref = a.detach().clone().requires_grad_(True)
+    ref = (x_ref.float() * keep / (1 - p)) @ a_ref.to(dtype).float().t()
+    upstream = torch.randn(out.shape).to(dtype)
+    (out.float() * upstream.float()).sum().backward()
+    (ref * upstream.float()).sum().backward()
+
+    # bf16: one rounding of the result (2**-8 relative) apart from the fp32 reference
+    rel = 1e-4 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and out.shape == (2, m, r)
+    for got, want in ((out, ref), (x.grad, x_ref.grad), (a.grad, a_ref.grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
+
+
+def test_input_that_needs_no_gradient_gets_none_and_the_adapter_still_learns():
+    """A first stage's first layer: its input comes from a frozen embedding."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 64)
+    a = torch.randn(4, 64, requires_grad=True)
+    seed = fused_lora.new_seed(x.device)
+    fused_lora.dropped_down(x, a, seed, 0.3).sum().backward()
+    keep = fused_lora.dropout_mask(seed, (40, 64), 0.3, x.device)
+    want = (x * keep / 0.7).sum(0).expand(4, 64)
+    torch.testing.assert_close(a.grad, want, rtol=1e-4, atol=1e-4)
+
+
+def test_masks_follow_the_generator():
+    """The seed comes from torch's generator, so a restored RNG state (resume, an adapter's own stream) gives the
+    same masks, and a new draw gives other ones."""
+    x = torch.randn(64, 128)
+    a = torch.randn(8, 128)
+    torch.manual_seed(5)
+    first = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), 0.5)
+    second = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), 0.5)
+    torch.manual_seed(5)
+    again = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), 0.5)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, second)
+
+
+def test_the_eight_elements_of_one_random_draw_are_not_alike():
+    """Each Philox call masks 8 neighbouring columns: the mask of a column must not follow its neighbours'."""
+    keep = fused_lora.dropout_mask(torch.tensor([7]), (512, 64), 0.5, torch.device("cpu")).float()
+    lanes = keep.view(512, 8, 8)  # [row, group, lane]
+    for lane in range(1, 8):
+        agree = (lanes[..., lane] == lanes[..., 0]).float().mean().item()
+        assert abs(agree - 0.5) < 0.03, (lane, agree)
