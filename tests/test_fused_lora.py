@@ -73,3 +73,30 @@ def test_the_eight_elements_of_one_random_draw_are_not_alike():
     for lane in range(1, 8):
         agree = (lanes[..., lane] == lanes[..., 0]).float().mean().item()
         assert abs(agree - 0.5) < 0.03, (lane, agree)
+
+
+def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks():
+    """--compile with --gradient_checkpointing: the compiled layer runs again in the backward, drawing its seeds
+    from the RNG state the checkpoint restores, so every gradient equals the run that kept its activations."""
+    from peft import LoraConfig
+
+    from merak_lora.lora import apply_lora
+    from merak_lora.stage import _checkpointed
+
+    torch._dynamo.reset()
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
+        model = apply_lora(net, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0", "2"],
+                                           init_lora_weights=False), seed=0)
+        model.train()
+        body = model.base_model.model
+        layer = torch.compile(body.forward)
+        run = _checkpointed(layer, None) if recompute else layer
+        x = torch.randn(24, 16, requires_grad=True)
+        torch.manual_seed(1)
+        run(x).square().sum().backward()
+        grads.append([x.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n])
+    for plain, again in zip(*grads):
+        torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-6)
