@@ -13,6 +13,7 @@ the tests run them). Elsewhere `_lora_linear_forward` keeps the compiler's dropo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -28,11 +29,14 @@ BITS = 16  # random bits per element: the drop probability is rounded to a multi
 GROUP = 8  # elements per Philox call (4 words of 32 bits, two elements each)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: a CUDA device, or any under Triton's interpreter."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused kernels can run on x's device, and x's rows split into whole Philox groups."""
-    if triton is None or x.shape[-1] % GROUP:
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.shape[-1] % GROUP == 0 and runs_on(x.device)
 
 
 def _threshold(p: float) -> tuple[int, float]:
@@ -233,3 +237,31 @@ def new_seed(device: torch.device) -> torch.Tensor:
     """A mask seed drawn from the device's generator, so AdapterSwitch's streams and a resumed run's restored RNG
     state decide the masks as they decide the compiler's dropout."""
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def disagreement(device: torch.device, dtype: torch.dtype, rank: int) -> str | None:
+    """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
+    raise, or their forward or gradients differ from torch's with the same mask), or None. A Triton build that
+    miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md records such a fault
+    in a variant of the backward, on an H100 only), so a stage checks once before it trains. Draws nothing from the
+    device's generator: the masks of the run stay as they were."""
+    m, k, p = 48, 256, 0.25  # p a multiple of 2**-16: the kernels' scale is exactly 1 / (1 - p)
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
+    a = torch.randn(rank, k, generator=gen, device=device).requires_grad_(True)
+    up = torch.randn(m, rank, generator=gen, device=device).to(dtype)
+    seed = torch.tensor([20261124], dtype=torch.int64, device=device)
+    try:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            got = (dropped_down(x, a, seed, p), *torch.autograd.grad(dropped_down(x, a, seed, p), (x, a), up))
+            keep = dropout_mask(seed, (m, k), p, device)
+    except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    x_ref, a_ref = x.detach().float().requires_grad_(True), a.detach().clone().requires_grad_(True)
+    want = (x_ref * keep / (1 - p)) @ a_ref.to(dtype).float().t()
+    wanted = (want, *torch.autograd.grad(want, (x_ref, a_ref), up.float()))
+    for what, mine, ref in zip(("output", "input gradient", "A's gradient"), got, wanted):
+        err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
+        if not err < 2e-2:  # bf16: one rounding of the result, 2**-8
+            return f"its {what} is off torch's by {err:.3g} of the largest entry"
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import re
 import types
@@ -30,6 +31,7 @@ from . import fused_lora
 from .config import ConfigError
 from .models import default_targets, is_adaptable, is_linear
 
+log = logging.getLogger("merak_lora")
 ADAPTER = "default"
 # The fields a lora_config.json may hold; the first seven are the ones Merak users write.
 SUPPORTED_FIELDS = {
@@ -268,8 +270,9 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
 
     Under `torch.compile`, a dropout in training keeps neither its output nor its mask for the backward: x
     itself is shared by the projections reading it (q,k,v; gate,up), but each dropout's output and mask are its
-    own, which with seven targets made up 40% of what a Llama decoder layer kept. Where Triton runs, `fused_lora`
-    draws the mask inside the down projection and again in its backward from a saved seed; elsewhere the
+    own, which with seven targets made up 40% of what a Llama decoder layer kept. Where Triton runs (and the stage's
+    `check_fused_dropout` found its kernels agree with torch), `fused_lora` draws the mask inside the down
+    projection and again in its backward from a saved seed; elsewhere the
     partitioner recomputes the dropout (replaying its RNG state). Eager mode keeps them: there a checkpoint per
     linear costs ~1 ms of host time, and the fused op's Python dispatch made an eager H100 step 30% slower
     (bench/RESULTS.md)."""
@@ -282,7 +285,7 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     drop = self.lora_dropout[name]
     if (torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0
             and torch.is_grad_enabled()):
-        if fused_lora.usable(x):
+        if getattr(self, "fused_dropout", True) and fused_lora.usable(x):
             low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
         else:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
@@ -291,6 +294,27 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
                       self.lora_B[name].weight.to(x.dtype).t(), alpha=self.scaling[name])
     return out.view_as(result)
+
+
+def check_fused_dropout(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Before a compiled stage trains: run the fused dropout kernels once per adapter rank against torch
+    (`fused_lora.disagreement`) and, where they disagree or fail, leave this stage's LoRA linears to the compiler's
+    dropout with one warning: slower, never wrong."""
+    if not fused_lora.runs_on(device):
+        return
+    layers: dict[int, list[LoraLinear]] = {}
+    for mod in model.modules():
+        if type(mod) is LoraLinear:
+            for name, drop in mod.lora_dropout.items():
+                if isinstance(drop, nn.Dropout) and drop.p > 0 and _plain(mod, name):
+                    layers.setdefault(mod.r[name], []).append(mod)
+    for rank, mods in sorted(layers.items()):
+        why = fused_lora.disagreement(device, dtype, rank)
+        if why is not None:
+            log.warning(f"fused LoRA dropout (rank {rank}) turned off on {device}: {why}; the compiler's dropout "
+                        "runs instead (slower, same results)")
+            for mod in mods:
+                mod.fused_dropout = False
 
 
 def _plain(mod: LoraLinear, name: str) -> bool:

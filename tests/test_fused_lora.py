@@ -100,3 +100,47 @@ def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks():
         grads.append([x.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n])
     for plain, again in zip(*grads):
         torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_stage_trains_with_the_compilers_dropout_when_the_kernels_disagree(tiny_llama, monkeypatch,
+                                                                                     caplog):
+    """The stage's check runs the kernels once against torch: agreeing, its LoRA linears use them; made to give a
+    wrong A gradient, the stage says so in one warning and a training step runs without them."""
+    import logging
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from family_check import LORA, batch
+    from merak_lora.config import Config
+    from merak_lora.layout import init_distributed
+    from merak_lora.plan import build_stages, make_plan
+    from merak_lora.schedule import Pipeline, TokenLoss
+
+    cfg = Config(model_path=tiny_llama, compile=True, seed=3)
+    plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 0.1})
+    layout = init_distributed(1, 1, False, "cpu")
+    flags = lambda stage: {getattr(m, "fused_dropout", True) for m in stage.model.modules()  # noqa: E731
+                           if type(m) is LoraLinear}
+    assert flags(build_stages(cfg, plan, layout)[0]) == {True}
+
+    real = fused_lora.launch_down_backward
+    launched = []
+
+    def wrong(g2, x2, a, gx, ga, *args, **kw):
+        launched.append(1)
+        real(g2, x2, a, gx, ga, *args, **kw)
+        ga.mul_(1.5)
+    monkeypatch.setattr(fused_lora, "launch_down_backward", wrong)
+    with caplog.at_level(logging.WARNING, logger="merak_lora"):
+        stage = build_stages(cfg, plan, layout)[0].train()
+    assert flags(stage) == {False}
+    warned = [r.getMessage() for r in caplog.records if "fused LoRA dropout" in r.getMessage()]
+    assert len(warned) == 1 and "A's gradient is off" in warned[0]
+
+    torch._dynamo.reset()
+    launched.clear()
+    b = batch(tiny_llama, rows=2, seq=16)
+    pipe = Pipeline([stage], layout, "1f1b", 1, TokenLoss(), plan.hidden_size, plan.vocab_size, torch.float32)
+    pipe.loss_fn.normalizer = b.targets_count
+    assert torch.isfinite(pipe.step(b))
+    assert launched == [] and all(p.grad is not None for n, p in stage.model.named_parameters() if "lora_A" in n)
