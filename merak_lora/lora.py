@@ -312,7 +312,7 @@ def check_fused_dropout(model: nn.Module, device: torch.device, dtype: torch.dty
         why = fused_lora.disagreement(device, dtype, rank)
         if why is not None:
             log.warning(f"fused LoRA dropout (rank {rank}) turned off on {device}: {why}; the compiler's dropout "
-                        "runs instead (slower, same results)")
+                        "runs instead (slower; its masks come from another draw)")
             for mod in mods:
                 mod.fused_dropout = False
 
