@@ -2,7 +2,7 @@
 Llama-3-8B microbatch of 3 x 2048 tokens (hidden 4096 for q,k,v,o,gate,up; 14336 for down): the fused Triton
 kernels (merak_lora.fused_lora) against what `--compile true` ran before them (the compiler's dropout, recomputed in
 the backward) and eager PyTorch; then the fused kernels' tile choices. The fused result is first checked against
-the kernels' own mask on the GPU, in bf16.
+torch with the kernels' own mask on the GPU, in bf16, at this size (`fused_lora.disagreement`, the stages' check).
 
     python bench/lora_dropout.py [--tokens 6144] [--sweep true]
     python bench/lora_dropout.py --tokens 64 --results -      # CPU (Triton's interpreter): only checks it runs
@@ -82,15 +82,9 @@ def main() -> None:
         g = torch.randn(args.tokens, R, device=dev, dtype=dtype)
         seed = fused_lora.new_seed(dev)
 
+        why = fused_lora.disagreement(dev, dtype, R, args.tokens, k)  # the stages' own check, at this size
+        assert why is None, f"fused kernels: {why}"
         keep = fused_lora.dropout_mask(seed, (args.tokens, k), P, dev)
-        x_ref, a_ref = x.detach().float().requires_grad_(True), a.detach().clone().requires_grad_(True)
-        want = (x_ref * keep / (1 - P)) @ a_ref.to(dtype).float().t()
-        got = fused_lora.dropped_down(x, a, seed, P)
-        for what, mine, ref in zip(("output", "x's gradient", "A's gradient"),
-                                   (got, *torch.autograd.grad(got, (x, a), g)),
-                                   (want, *torch.autograd.grad(want, (x_ref, a_ref), g.float()))):
-            err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
-            assert err < 2e-2, f"fused kernels: {what} off by {err:.3g} of its largest entry"
         print(f"{args.tokens} x {k}: keeps {keep.float().mean().item():.4f} (1 - p = {1 - P})", flush=True)
 
         def step(forward):

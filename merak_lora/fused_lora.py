@@ -239,13 +239,13 @@ def new_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
 
-def disagreement(device: torch.device, dtype: torch.dtype, rank: int) -> str | None:
+def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 48, k: int = 256) -> str | None:
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
-    raise, or their forward or gradients differ from torch's with the same mask), or None. A Triton build that
-    miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md records such a fault
-    in a variant of the backward, on an H100 only), so a stage checks once before it trains. Draws nothing from the
-    device's generator: the masks of the run stay as they were."""
-    m, k, p = 48, 256, 0.25  # p a multiple of 2**-16: the kernels' scale is exactly 1 / (1 - p)
+    raise, or their forward or gradients on an [m, k] input differ from torch's with the same mask), or None. A
+    Triton build that miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md
+    records such a fault in a variant of the backward, on an H100 only), so a stage checks once before it trains.
+    Draws nothing from the device's generator: the masks of the run stay as they were."""
+    p = 0.25  # a multiple of 2**-16: the kernels' scale is exactly 1 / (1 - p)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
     a = torch.randn(rank, k, generator=gen, device=device).requires_grad_(True)
@@ -253,7 +253,8 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int) -> str | N
     seed = torch.tensor([20261124], dtype=torch.int64, device=device)
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            got = (dropped_down(x, a, seed, p), *torch.autograd.grad(dropped_down(x, a, seed, p), (x, a), up))
+            out = dropped_down(x, a, seed, p)
+            got = (out, *torch.autograd.grad(out, (x, a), up))
             keep = dropout_mask(seed, (m, k), p, device)
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
