@@ -38,9 +38,10 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
     "ours_fp8_mb3": ("ours", False, 3, ["--compile", "true", "--fp8", "true"]),
     "ours_fp8_mb4": ("ours", False, 4, ["--compile", "true", "--fp8", "true"]),
 }
-# The same runs with LoRA dropout left to the compiler, as before merak_lora.fused_lora: the kernels' gain in one call.
-VARIANTS.update({f"{name}_compiler_dropout": VARIANTS[name] for name in
-                 ("ours_compile_mb2", "ours_compile_mb3", "ours_fp8_mb3", "ours_fp8_mb4")})
+# The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
+# cuBLAS's addmm), or without its up projection alone: each kernel's gain in one call.
+VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
+                 for without in ("compiler_dropout", "addmm_up")})
 
 
 def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int, liger: bool = False) -> dict:
@@ -85,9 +86,14 @@ def worker(args) -> None:
     if runner in ("plain", "liger"):
         out = plain_loop(args.model_dir, args.seq, mb, gc, args.steps, args.warmup, liger=runner == "liger")
     else:
+        from merak_lora import fused_lora
         if args.worker.endswith("_compiler_dropout"):
-            from merak_lora import fused_lora
             fused_lora.usable = lambda x: False
+        elif args.worker.endswith("_addmm_up"):
+            import torch
+            fused_lora.added_up = lambda base, low, b, scale: torch.addmm(
+                base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(low.dtype).t(),
+                alpha=scale).view_as(base)
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)

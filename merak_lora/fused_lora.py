@@ -114,6 +114,71 @@ if triton is not None:
         tl.atomic_add(ga_ptr + rr[:, None] * K + cols[None, :], ga * scale, mask=(rr < R)[:, None] & (cols < K)[None, :])
 
 
+    @triton.jit
+    def _up_kernel(base_ptr, low_ptr, b_ptr, out_ptr, M, N, R, stride_base, stride_b, scale,
+                   BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, RP)
+        low = tl.load(low_ptr + rows[:, None] * R + rr[None, :], mask=(rows < M)[:, None] & (rr < R)[None, :],
+                      other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * stride_b + rr[:, None], mask=(rr < R)[:, None] & (cols < N)[None, :],
+                      other=0.0).to(low.dtype)
+        up = tl.dot(low.to(DOT), b_t.to(DOT), input_precision=PRECISION)
+        inside = (rows < M)[:, None] & (cols < N)[None, :]
+        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=inside, other=0.0)
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :],
+                 (base.to(tl.float32) + up * scale).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _up_backward_kernel(g_ptr, low_ptr, b_ptr, glow_ptr, gb_ptr, M, N, R, stride_g, stride_b, rows_per_program,
+                            scale, WANT_LOW: tl.constexpr, WANT_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            RP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+        """One column block of g over one slice of the rows, read once for both products: B's gradient for those
+        columns (g.T @ low, kept in registers over the slice) and the low-rank gradient of those rows (g @ B, one
+        part per column block, added atomically)."""
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, RP)
+        b = tl.load(b_ptr + cols[:, None] * stride_b + rr[None, :], mask=(cols < N)[:, None] & (rr < R)[None, :],
+                    other=0.0).to(g_ptr.dtype.element_ty)
+        gb = tl.zeros((BN, RP), dtype=tl.float32)
+        first = tl.program_id(1) * rows_per_program
+        for m0 in range(first, first + rows_per_program, BM):
+            rows = m0 + tl.arange(0, BM)
+            in_rows = (rows < M)[:, None]
+            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=in_rows & (cols < N)[None, :],
+                        other=0.0)
+            if WANT_B:
+                low = tl.load(low_ptr + rows[:, None] * R + rr[None, :], mask=in_rows & (rr < R)[None, :], other=0.0)
+                gb = tl.dot(tl.trans(g).to(DOT), low.to(DOT), gb, input_precision=PRECISION)
+            if WANT_LOW:
+                part = tl.dot(g.to(DOT), b.to(DOT), input_precision=PRECISION)
+                tl.atomic_add(glow_ptr + rows[:, None] * R + rr[None, :], part * scale,
+                              mask=in_rows & (rr < R)[None, :], sem="relaxed")
+        if WANT_B:
+            tl.atomic_add(gb_ptr + cols[:, None] * R + rr[None, :], gb * scale,
+                          mask=(cols < N)[:, None] & (rr < R)[None, :], sem="relaxed")
+
+
+# Triton's interpreter is chosen as the kernels are defined (tests/conftest.py), so the kind of op is chosen then too.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _op(name: str):
+    """The kernels' torch operator. Where they compile for a GPU, a `triton_op`: torch.compile traces into it and
+    launches the kernels from its generated code, as it does its own; an opaque custom op cost a Python dispatch and
+    Triton's launcher per call, which made the compiled FP8 step slower although each kernel was twice as fast
+    (bench/RESULTS.md). Under Triton's interpreter, which cannot run on the compiler's fake tensors, or without
+    Triton, an opaque custom op."""
+    if triton is not None and not INTERPRETED:
+        return torch.library.triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+def _launch(kernel):
+    return torch.library.wrap_triton(kernel)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -135,14 +200,14 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, device: t
     m, k = shape
     threshold, _ = _threshold(p)
     out = torch.empty(m, k, dtype=torch.int8, device=device)
-    _mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, seed, m, k, threshold, BM=32, BK=64)
+    _launch(_mask_kernel)[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, seed, m, k, threshold, BM=32, BK=64)
     return out.bool()
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """The kernels' block sizes: rows and columns per tile, warps, and backward programs per multiprocessor.
-    The fastest of bench/lora_dropout.py's sweep on one H100 over 6144 rows of 4096 and of 14336 columns:
+    The fastest of bench/lora_kernels.py's sweep on one H100 over 6144 rows of 4096 and of 14336 columns:
     forward 41 and 123 us, backward 62 and 182 us (the first choice, 32-row tiles throughout: 44 and ~135, 75 and
     ~260)."""
     bm: int = 16
@@ -152,6 +217,13 @@ class Tiles:
     back_bk: int = 128
     back_warps: int = 4
     programs_per_sm: int = 8
+    up_bm: int = 64
+    up_bn: int = 128
+    up_warps: int = 4
+    up_back_bm: int = 64
+    up_back_bn: int = 128
+    up_back_warps: int = 4
+    up_programs_per_sm: int = 4
 
 
 TILES = Tiles()
@@ -162,7 +234,7 @@ def launch_down(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, seed: torc
     """out[M, R] = dropout(x2) @ a.T: one program per `bm` rows, looping over the columns."""
     m, k = x2.shape
     threshold, scale = _threshold(p)
-    _down_kernel[(triton.cdiv(m, tiles.bm),)](
+    _launch(_down_kernel)[(triton.cdiv(m, tiles.bm),)](
         x2, a, out, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), threshold, scale, BM=tiles.bm,
         BK=tiles.bk, RP=_rank_pad(a.shape[0]), num_warps=tiles.warps, **_dot_options(x2))
 
@@ -179,13 +251,38 @@ def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx
                 if x2.is_cuda else 4)
     splits = max(1, min(triton.cdiv(m, tiles.back_bm), programs // col_blocks))
     rows_per_program = triton.cdiv(triton.cdiv(m, splits), tiles.back_bm) * tiles.back_bm
-    _down_backward_kernel[(col_blocks, triton.cdiv(m, rows_per_program))](
+    _launch(_down_backward_kernel)[(col_blocks, triton.cdiv(m, rows_per_program))](
         g2, x2, a, gx, ga, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), rows_per_program, threshold, scale,
         WANT_GX=want_gx, BM=tiles.back_bm, BK=tiles.back_bk, RP=_rank_pad(a.shape[0]),
         num_warps=tiles.back_warps, **_dot_options(x2))
 
 
-@torch.library.custom_op("merak_lora::dropped_down", mutates_args=())
+def launch_up(base2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float,
+              tiles: Tiles = TILES) -> None:
+    """out[M, N] = base2 + scale * low @ b.T: one program per tile of the output."""
+    m, n = base2.shape
+    _launch(_up_kernel)[(triton.cdiv(m, tiles.up_bm), triton.cdiv(n, tiles.up_bn))](
+        base2, low, b, out, m, n, b.shape[1], base2.stride(0), b.stride(0), scale, BM=tiles.up_bm, BN=tiles.up_bn,
+        RP=_rank_pad(b.shape[1]), num_warps=tiles.up_warps, **_dot_options(base2))
+
+
+def launch_up_backward(g2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, glow: torch.Tensor, gb: torch.Tensor,
+                       scale: float, want_low: bool, want_b: bool, tiles: Tiles = TILES) -> None:
+    """glow[M, R] += scale * g2 @ b and gb[N, R] += scale * g2.T @ low (both fp32, zeroed by the caller), g2 read
+    once. Programs are column blocks times slices of the rows, enough of them to fill the GPU."""
+    m, n = g2.shape
+    col_blocks = triton.cdiv(n, tiles.up_back_bn)
+    programs = (torch.cuda.get_device_properties(g2.device).multi_processor_count * tiles.up_programs_per_sm
+                if g2.is_cuda else 4)
+    splits = max(1, min(triton.cdiv(m, tiles.up_back_bm), programs // col_blocks))
+    rows_per_program = triton.cdiv(triton.cdiv(m, splits), tiles.up_back_bm) * tiles.up_back_bm
+    _launch(_up_backward_kernel)[(col_blocks, triton.cdiv(m, rows_per_program))](
+        g2, low, b, glow, gb, m, n, b.shape[1], g2.stride(0), b.stride(0), rows_per_program, scale,
+        WANT_LOW=want_low, WANT_B=want_b, BM=tiles.up_back_bm, BN=tiles.up_back_bn, RP=_rank_pad(b.shape[1]),
+        num_warps=tiles.up_back_warps, **_dot_options(g2))
+
+
+@_op("merak_lora::dropped_down")
 def dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ a.T in x's dtype, the mask drawn from `seed` (an int64 tensor of one element)."""
     x2 = _rows(x)
@@ -200,7 +297,7 @@ def _(x, a, seed, p):
     return x.new_empty(*x.shape[:-1], a.shape[0])
 
 
-@torch.library.custom_op("merak_lora::dropped_down_backward", mutates_args=())
+@_op("merak_lora::dropped_down_backward")
 def dropped_down_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
                           want_gx: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `dropped_down` for x (empty unless want_gx) and for a, from the same mask."""
@@ -233,6 +330,56 @@ def _backward(ctx, g):
 dropped_down.register_autograd(_backward, setup_context=_setup)
 
 
+@_op("merak_lora::added_up")
+def added_up(base: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """base + scale * low @ b.T in base's dtype (b cast to low's dtype, as PEFT's forward casts it), one pass over
+    base."""
+    base2, low2 = _rows(base), low.reshape(-1, low.shape[-1]).contiguous()
+    out = torch.empty(base2.shape, dtype=base.dtype, device=base.device)
+    if base2.shape[0]:
+        launch_up(base2, low2, b.contiguous(), out, scale)
+    return out.view(base.shape)
+
+
+@added_up.register_fake
+def _(base, low, b, scale):
+    return base.new_empty(base.shape)
+
+
+@_op("merak_lora::added_up_backward")
+def added_up_backward(g: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float, want_low: bool,
+                      want_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `added_up` for low and for b (each empty unless wanted), from one read of g."""
+    g2, low2 = _rows(g), low.reshape(-1, low.shape[-1]).contiguous()
+    m, r = low2.shape
+    glow = torch.zeros((m, r) if want_low else (0,), dtype=torch.float32, device=g.device)
+    gb = torch.zeros(b.shape if want_b else (0,), dtype=torch.float32, device=g.device)
+    if m:
+        launch_up_backward(g2, low2, b.contiguous(), glow, gb, scale, want_low, want_b)
+    return (glow.to(low.dtype).view(low.shape) if want_low else glow.to(low.dtype)), gb.to(b.dtype)
+
+
+@added_up_backward.register_fake
+def _(g, low, b, scale, want_low, want_b):
+    return low.new_empty(low.shape if want_low else (0,)), b.new_empty(b.shape if want_b else (0,))
+
+
+def _up_setup(ctx, inputs, output):
+    _, low, b, scale = inputs
+    ctx.save_for_backward(low, b)
+    ctx.scale = scale
+
+
+def _up_backward(ctx, g):
+    low, b = ctx.saved_tensors
+    want_low, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    glow, gb = added_up_backward(g, low, b, ctx.scale, want_low, want_b) if want_low or want_b else (None, None)
+    return (g if ctx.needs_input_grad[0] else None), (glow if want_low else None), (gb if want_b else None), None
+
+
+added_up.register_autograd(_up_backward, setup_context=_up_setup)
+
+
 def new_seed(device: torch.device) -> torch.Tensor:
     """A mask seed drawn from the device's generator, so AdapterSwitch's streams and a resumed run's restored RNG
     state decide the masks as they decide the compiler's dropout."""
@@ -241,28 +388,33 @@ def new_seed(device: torch.device) -> torch.Tensor:
 
 def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 48, k: int = 256) -> str | None:
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
-    raise, or their forward or gradients on an [m, k] input differ from torch's with the same mask), or None. A
+    raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same mask), or None. A
     Triton build that miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md
     records such a fault in a variant of the backward, on an H100 only), so a stage checks once before it trains.
     Draws nothing from the device's generator: the masks of the run stay as they were."""
-    p = 0.25  # a multiple of 2**-16: the kernels' scale is exactly 1 / (1 - p)
+    p, scale = 0.25, 4.0  # p a multiple of 2**-16: the kernels' dropout scale is exactly 1 / (1 - p)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
     a = torch.randn(rank, k, generator=gen, device=device).requires_grad_(True)
-    up = torch.randn(m, rank, generator=gen, device=device).to(dtype)
+    b = torch.randn(k, rank, generator=gen, device=device).requires_grad_(True)
+    base = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    up = torch.randn(m, k, generator=gen, device=device).to(dtype)
     seed = torch.tensor([20261124], dtype=torch.int64, device=device)
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            out = dropped_down(x, a, seed, p)
-            got = (out, *torch.autograd.grad(out, (x, a), up))
+            low = dropped_down(x, a, seed, p)
+            out = added_up(base, low, b, scale)
+            got = (low, out, *torch.autograd.grad(out, (x, a, b), up))
             keep = dropout_mask(seed, (m, k), p, device)
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    x_ref, a_ref = x.detach().float().requires_grad_(True), a.detach().clone().requires_grad_(True)
-    want = (x_ref * keep / (1 - p)) @ a_ref.to(dtype).float().t()
-    wanted = (want, *torch.autograd.grad(want, (x_ref, a_ref), up.float()))
-    for what, mine, ref in zip(("output", "input gradient", "A's gradient"), got, wanted):
+    x_ref, a_ref, b_ref = (t.detach().clone().float().requires_grad_(True) for t in (x, a, b))
+    low_ref = (x_ref * keep / (1 - p)) @ a_ref.to(dtype).float().t()
+    out_ref = base.float() + scale * low_ref.to(dtype).float() @ b_ref.to(dtype).float().t()
+    wanted = (low_ref, out_ref, *torch.autograd.grad(out_ref, (x_ref, a_ref, b_ref), up.float()))
+    for what, mine, ref in zip(("low-rank output", "output", "input gradient", "A's gradient", "B's gradient"),
+                               got, wanted):
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
-        if not err < 2e-2:  # bf16: one rounding of the result, 2**-8
+        if not err < 2e-2:  # bf16: a few roundings of the result, 2**-8 each
             return f"its {what} is off torch's by {err:.3g} of the largest entry"
     return None

@@ -266,55 +266,60 @@ class AdapterSwitch:
 def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT's LoRA linear, computed in the activations' dtype: the fp32 adapter weights are cast (they are
     tiny) instead of the activations (PEFT casts x to fp32, an extra copy of every input in bf16 training), and
-    the low-rank product is added to the base output in one addmm. Anything unusual goes to PEFT's own forward.
+    the low-rank product is added to the base output in one pass. Anything unusual goes to PEFT's own forward.
 
-    Under `torch.compile`, a dropout in training keeps neither its output nor its mask for the backward: x
-    itself is shared by the projections reading it (q,k,v; gate,up), but each dropout's output and mask are its
-    own, which with seven targets made up 40% of what a Llama decoder layer kept. Where Triton runs (and the stage's
-    `check_fused_dropout` found its kernels agree with torch), `fused_lora` draws the mask inside the down
-    projection and again in its backward from a saved seed; elsewhere the
-    partitioner recomputes the dropout (replaying its RNG state). Eager mode keeps them: there a checkpoint per
-    linear costs ~1 ms of host time, and the fused op's Python dispatch made an eager H100 step 30% slower
-    (bench/RESULTS.md)."""
+    Compiled and training, where Triton runs (and the stage's `check_fused` found its kernels agree with torch),
+    `fused_lora` does both halves: the down projection draws its dropout mask inside the product and again in its
+    backward from a saved seed, and the up projection is added to the base output in one pass whose backward reads
+    the output gradient once for B's gradient and the low-rank one (cuBLAS's addmm and its two thin products ran
+    at a third of the copy rate). Compiled elsewhere, the partitioner recomputes the dropout (replaying its RNG
+    state) rather than keeping each target's dropped copy and mask: x itself is shared by the projections reading
+    it (q,k,v; gate,up), each dropout's output is its own, and with seven targets those made up 40% of what a Llama
+    decoder layer kept. Eager mode keeps them: there a checkpoint per linear costs ~1 ms of host time, and the
+    fused ops' Python dispatch made an eager H100 step 30% slower (bench/RESULTS.md)."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     if args or kwargs or self.disable_adapters or self.merged or name is None or not _plain(self, name):
         return LoraLinear.forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    a = self.lora_A[name].weight
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
     drop = self.lora_dropout[name]
-    if (torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0
-            and torch.is_grad_enabled()):
-        if getattr(self, "fused_dropout", True) and fused_lora.usable(x):
+    fused = (torch.compiler.is_compiling() and torch.is_grad_enabled() and getattr(self, "fused_kernels", True)
+             and fused_lora.usable(x))
+    if torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 \
+            and torch.is_grad_enabled():
+        if fused:
             low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
         else:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
-                      self.lora_B[name].weight.to(x.dtype).t(), alpha=self.scaling[name])
+    if fused:
+        return fused_lora.added_up(result, low, b, self.scaling[name])
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(x.dtype).t(),
+                      alpha=self.scaling[name])
     return out.view_as(result)
 
 
-def check_fused_dropout(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Before a compiled stage trains: run the fused dropout kernels once per adapter rank against torch
-    (`fused_lora.disagreement`) and, where they disagree or fail, leave this stage's LoRA linears to the compiler's
-    dropout with one warning: slower, never wrong."""
+def check_fused(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Before a compiled stage trains: run the fused LoRA kernels once per adapter rank against torch
+    (`fused_lora.disagreement`) and, where they disagree or fail, leave this stage's LoRA linears to the compiler
+    and cuBLAS with one warning: slower, never wrong."""
     if not fused_lora.runs_on(device):
         return
     layers: dict[int, list[LoraLinear]] = {}
     for mod in model.modules():
         if type(mod) is LoraLinear:
-            for name, drop in mod.lora_dropout.items():
-                if isinstance(drop, nn.Dropout) and drop.p > 0 and _plain(mod, name):
+            for name in mod.lora_A:
+                if _plain(mod, name):
                     layers.setdefault(mod.r[name], []).append(mod)
     for rank, mods in sorted(layers.items()):
         why = fused_lora.disagreement(device, dtype, rank)
         if why is not None:
-            log.warning(f"fused LoRA dropout (rank {rank}) turned off on {device}: {why}; the compiler's dropout "
-                        "runs instead (slower; its masks come from another draw)")
+            log.warning(f"fused LoRA kernels (rank {rank}) turned off on {device}: {why}; the compiler's dropout "
+                        "and cuBLAS's products run instead (slower; the dropout masks come from another draw)")
             for mod in mods:
-                mod.fused_dropout = False
+                mod.fused_kernels = False
 
 
 def _plain(mod: LoraLinear, name: str) -> bool:

@@ -48,11 +48,13 @@ def test_one_gpu_bench_runs():
 
 
 @pytest.mark.triton
-def test_lora_dropout_bench_runs():
+def test_lora_kernels_bench_runs():
     """The kernels' bench on the CPU, through Triton's interpreter: its correctness check against the mask runs."""
-    out = run_bench("lora_dropout.py", "--tokens", "32", "--widths", "64", "--sweep", "false")
-    for name in ("eager PyTorch", "compiled, dropout recomputed (before)", "fused Triton kernels"):
-        assert re.search(rf"\| 32 x 64 \| {re.escape(name)}", out), name
+    out = run_bench("lora_kernels.py", "--tokens", "32", "--widths", "64", "--sweep", "false")
+    for half, name in (("down", "eager PyTorch"), ("down", "compiled, dropout recomputed (before)"),
+                       ("down", "fused Triton kernels"), ("up", "addmm and its two thin products (before)"),
+                       ("up", "fused Triton kernels")):
+        assert re.search(rf"\| 32 x 64 \| {half} \| {re.escape(name)}", out), (half, name)
     assert "32 x 64: keeps" in out
 
 

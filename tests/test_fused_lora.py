@@ -1,5 +1,6 @@
-"""The fused LoRA down projection (merak_lora.fused_lora) against dropout(x) @ A.T written out in torch with the
-kernels' own mask, forward and backward, on shapes that leave partial tiles in every direction. Triton's
+"""The fused LoRA kernels (merak_lora.fused_lora) against torch, forward and backward, on shapes that leave partial
+tiles in every direction: the down projection against dropout(x) @ A.T with the kernels' own mask, the up projection
+against base + s * low @ B.T. Triton's
 interpreter runs the kernels on the CPU (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -38,6 +39,42 @@ def test_fused_down_projection_matches_torch_with_the_same_mask(m, k, r, p, dtyp
     assert out.dtype == dtype and out.shape == (2, m, r)
     for got, want in ((out, ref), (x.grad, x_ref.grad), (a.grad, a_ref.grad)):
         torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m,n,r,dtype", [
+    (70, 200, 6, torch.float32),      # rows, columns and rank not multiples of a tile
+    (33, 136, 24, torch.float32),     # a rank over 16
+    (96, 256, 8, torch.bfloat16),     # bf16 activations, an fp32 adapter (as in training)
+])
+def test_fused_up_projection_matches_torch(m, n, r, dtype):
+    """base + s * low @ B.T and its gradients for base, low and B, all from one read of the output gradient."""
+    torch.manual_seed(2)
+    base = torch.randn(2, m, n).to(dtype).requires_grad_(True)
+    low = torch.randn(2, m, r).to(dtype).requires_grad_(True)
+    b = torch.randn(n, r, requires_grad=True)
+    out = fused_lora.added_up(base, low, b, 2.5)
+    refs = [t.detach().clone().requires_grad_(True) for t in (base, low, b)]
+    ref = refs[0].float() + 2.5 * refs[1].float() @ refs[2].to(dtype).float().t()
+    upstream = torch.randn(out.shape).to(dtype)
+    (out.float() * upstream.float()).sum().backward()
+    (ref * upstream.float()).sum().backward()
+
+    rel = 1e-4 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and out.shape == base.shape and low.grad.dtype == dtype and b.grad.dtype == b.dtype
+    for got, want in ((out, ref), (base.grad, refs[0].grad), (low.grad, refs[1].grad), (b.grad, refs[2].grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
+
+
+def test_fused_up_projection_computes_only_the_gradients_asked_for():
+    """A frozen B (another adapter's turn is not this one's; an inference-mode adapter): only the low-rank
+    gradient is formed, and the other way round."""
+    torch.manual_seed(3)
+    base, low, b = torch.randn(40, 48), torch.randn(40, 4, requires_grad=True), torch.randn(48, 4)
+    g_low, = torch.autograd.grad(fused_lora.added_up(base, low, b, 0.5).sum(), low)
+    torch.testing.assert_close(g_low, 0.5 * torch.ones(40, 48) @ b, rtol=1e-4, atol=1e-4)
+    low, b = low.detach(), b.requires_grad_(True)
+    g_b, = torch.autograd.grad(fused_lora.added_up(base, low, b, 0.5).sum(), b)
+    torch.testing.assert_close(g_b, 0.5 * torch.ones(48, 40) @ low, rtol=1e-4, atol=1e-4)
 
 
 def test_input_that_needs_no_gradient_gets_none_and_the_adapter_still_learns():
@@ -102,10 +139,12 @@ def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks():
         torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_a_compiled_stage_trains_with_the_compilers_dropout_when_the_kernels_disagree(tiny_llama, monkeypatch,
-                                                                                     caplog):
-    """The stage's check runs the kernels once against torch: agreeing, its LoRA linears use them; made to give a
-    wrong A gradient, the stage says so in one warning and a training step runs without them."""
+@pytest.mark.parametrize("broken,gradient", [("launch_down_backward", "A's gradient"),
+                                             ("launch_up_backward", "B's gradient")])
+def test_a_compiled_stage_trains_without_the_kernels_when_they_disagree(broken, gradient, tiny_llama, monkeypatch,
+                                                                      caplog):
+    """The stage's check runs the kernels once against torch: agreeing, its LoRA linears use them; with one made to
+    give a wrong adapter gradient, the stage says so in one warning and a training step runs without any of them."""
     import logging
 
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -119,23 +158,23 @@ def test_a_compiled_stage_trains_with_the_compilers_dropout_when_the_kernels_dis
     cfg = Config(model_path=tiny_llama, compile=True, seed=3)
     plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 0.1})
     layout = init_distributed(1, 1, False, "cpu")
-    flags = lambda stage: {getattr(m, "fused_dropout", True) for m in stage.model.modules()  # noqa: E731
+    flags = lambda stage: {getattr(m, "fused_kernels", True) for m in stage.model.modules()  # noqa: E731
                            if type(m) is LoraLinear}
     assert flags(build_stages(cfg, plan, layout)[0]) == {True}
 
-    real = fused_lora.launch_down_backward
     launched = []
-
-    def wrong(g2, x2, a, gx, ga, *args, **kw):
-        launched.append(1)
-        real(g2, x2, a, gx, ga, *args, **kw)
-        ga.mul_(1.5)
-    monkeypatch.setattr(fused_lora, "launch_down_backward", wrong)
+    for name in ("launch_down", "launch_down_backward", "launch_up", "launch_up_backward"):
+        def launch(*args, _real=getattr(fused_lora, name), _name=name, **kw):
+            launched.append(_name)
+            _real(*args, **kw)
+            if _name == broken:
+                args[4].mul_(1.5)  # the adapter tensor's gradient: ga of the down projection, gb of the up one
+        monkeypatch.setattr(fused_lora, name, launch)
     with caplog.at_level(logging.WARNING, logger="merak_lora"):
         stage = build_stages(cfg, plan, layout)[0].train()
     assert flags(stage) == {False}
-    warned = [r.getMessage() for r in caplog.records if "fused LoRA dropout" in r.getMessage()]
-    assert len(warned) == 1 and "A's gradient is off" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "fused LoRA kernels" in r.getMessage()]
+    assert len(warned) == 1 and f"{gradient} is off" in warned[0], warned
 
     torch._dynamo.reset()
     launched.clear()
@@ -143,4 +182,4 @@ def test_a_compiled_stage_trains_with_the_compilers_dropout_when_the_kernels_dis
     pipe = Pipeline([stage], layout, "1f1b", 1, TokenLoss(), plan.hidden_size, plan.vocab_size, torch.float32)
     pipe.loss_fn.normalizer = b.targets_count
     assert torch.isfinite(pipe.step(b))
-    assert launched == [] and all(p.grad is not None for n, p in stage.model.named_parameters() if "lora_A" in n)
+    assert launched == [] and all(p.grad is not None for n, p in stage.model.named_parameters() if "lora_" in n)

@@ -1,7 +1,7 @@
 """What the memory savers change is only what is kept for the backward: the chunked head loss gives the loss and
 hidden-state gradient of full-logits cross-entropy, and LoRA dropout recomputed in the backward of a compiled
 layer, or drawn inside the fused Triton down projection, uses the very mask of the forward in the backward (the
-eager case, which saves the mask, checks the test itself)."""
+eager case, which saves the mask, checks the test itself); the fused up projection's backward gives B's gradient."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_dropout_backward_uses_the_forward_mask(compiled, fused, monkeypatch):
     if compiled:
         lin.forward = torch.compile(lin.forward)
     launched = []
-    for name in ("launch_down", "launch_down_backward"):
+    for name in ("launch_down", "launch_down_backward", "launch_up", "launch_up_backward"):
         real = getattr(fused_lora, name)
         monkeypatch.setattr(fused_lora, name, lambda *a, _real=real, _name=name, **kw: (launched.append(_name),
                                                                                          _real(*a, **kw))[1])
@@ -96,12 +96,15 @@ def test_dropout_backward_uses_the_forward_mask(compiled, fused, monkeypatch):
     y = lin(x)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
-    assert launched == (["launch_down", "launch_down_backward"] if fused else [])
+    assert sorted(launched) == (["launch_down", "launch_down_backward", "launch_up", "launch_up_backward"]
+                                if fused else [])
     a, b, s = lin.lora_A["default"].weight, lin.lora_B["default"].weight, lin.scaling["default"]
     with torch.no_grad():
         dropped = ((y - lin.base_layer(x)) / s) @ torch.linalg.inv(b).T @ torch.linalg.inv(a).T
         assert 0.3 < (dropped.abs() < 1e-4).float().mean() < 0.7  # dropout really dropped about half
         want = s * (upstream @ b).T @ dropped
         want_x = upstream @ lin.base_layer.weight + s * (upstream @ b @ a) * (dropped / x)
+        want_b = s * upstream.T @ (dropped @ a.T)
+    assert torch.allclose(b.grad, want_b, rtol=1e-3, atol=1e-3 * want_b.abs().max().item())
     assert torch.allclose(a.grad, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
     assert torch.allclose(x.grad, want_x, rtol=1e-3, atol=1e-3 * want_x.abs().max().item())
