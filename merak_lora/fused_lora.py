@@ -1,14 +1,19 @@
-"""LoRA's down projection with its dropout drawn inside the product: `dropout(x) @ A.T` as one Triton kernel that
-reads x once, and a backward that draws the same mask again from a saved seed.
+"""LoRA's two products as Triton kernels, for compiled layers.
 
-Why not the compiler's dropout: inductor writes each target's dropped copy of its input and reads it back for the
-product, and draws one Philox call per element (the dropout kernels were 11% of a compiled Llama step's GPU time,
-bench/PERF_NOTES.md). Here one Philox call gives the mask of 8 consecutive elements (16 random bits each), nothing of
-the size of x is written in the forward, and the backward writes only the input gradient. The mask is a function of
-(seed, row, column) alone, so the forward, the backward and `dropout_mask` agree whatever their tiling.
+The down projection draws its dropout inside the product: `dropout(x) @ A.T` is one kernel that reads x once, and
+its backward draws the same mask again from a saved seed. Why not the compiler's dropout: inductor writes each
+target's dropped copy of its input and reads it back for the product, and draws one Philox call per element (the
+dropout kernels were 11% of a compiled Llama step's GPU time, bench/PERF_NOTES.md). Here one Philox call gives the
+mask of 8 consecutive elements (16 random bits each), nothing of the size of x is written in the forward, and the
+backward writes only the input gradient. The mask is a function of (seed, row, column) alone, so the forward, the
+backward and `dropout_mask` agree whatever their tiling.
+
+The up projection is added to the base output in one pass, and its backward reads the output gradient once for both
+B's gradient and the low-rank one. cuBLAS's addmm and its backward's two thin products of rank 8 ran at 40-44% of
+the copy rate (bench/RESULTS.md).
 
 The kernels run where Triton runs: CUDA devices, or the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, how
-the tests run them). Elsewhere `_lora_linear_forward` keeps the compiler's dropout.
+the tests run them). Elsewhere `_lora_linear_forward` keeps the compiler's dropout and cuBLAS's addmm.
 """
 
 from __future__ import annotations
@@ -208,8 +213,9 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, device: t
 class Tiles:
     """The kernels' block sizes: rows and columns per tile, warps, and backward programs per multiprocessor.
     The fastest of bench/lora_kernels.py's sweep on one H100 over 6144 rows of 4096 and of 14336 columns:
-    forward 41 and 123 us, backward 62 and 182 us (the first choice, 32-row tiles throughout: 44 and ~135, 75 and
-    ~260)."""
+    down forward 41 and 123 us, backward 62 and 182 us (the first choice, 32-row tiles throughout: 44 and ~135, 75
+    and ~260); up (`up_*`) forward 42 and 131 us (every tile from 32 x 64 to 128 x 256 within 10%), backward 37 and
+    78 us (32-row blocks: 34 and 90)."""
     bm: int = 16
     bk: int = 256
     warps: int = 4
