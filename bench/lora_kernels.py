@@ -160,20 +160,25 @@ def sweep(tokens: int, k: int, x, a, b, low, g_low, g_out, only: str) -> None:
     }
     print(f"default tiles {dataclasses.asdict(fused_lora.TILES)}", flush=True)
     for kind, (launch, choices) in grids.items():
-        if not kind.startswith(only):
+        if kind.startswith(only):
+            sweep_kernel(k, kind, launch, choices)
+
+
+def sweep_kernel(k: int, kind: str, launch, choices: list[dict]) -> None:
+    """Times one kernel's launch for each tile choice; prints them all and the fastest."""
+    from merak_lora import fused_lora
+    timings = []
+    for choice in choices:
+        tiles = dataclasses.replace(fused_lora.TILES, **choice)
+        try:
+            us = timed(lambda: launch(tiles), True, 100) * 1e3
+        except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory, registers)
+            print(f"{kind} {choice}: {type(e).__name__}", flush=True)
             continue
-        mine = []
-        for choice in choices:
-            tiles = dataclasses.replace(fused_lora.TILES, **choice)
-            try:
-                us = timed(lambda: launch(tiles), True, 100) * 1e3
-            except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory, registers)
-                print(f"{kind} {choice}: {type(e).__name__}", flush=True)
-                continue
-            mine.append([f"{tokens} x {k}", kind, ", ".join(f"{n} {v}" for n, v in choice.items()), f"{us:.0f}"])
-        best = min(mine, key=lambda r: float(r[3]))
-        print(f"{k} {kind}: best {best[2]} at {best[3]} us; all: " + "; ".join(f"{r[2]}: {r[3]}" for r in mine),
-              flush=True)
+        timings.append((", ".join(f"{n} {v}" for n, v in choice.items()), us))
+    best = min(timings, key=lambda t: t[1])
+    print(f"{k} {kind}: best {best[0]} at {best[1]:.0f} us; all: " + "; ".join(f"{c}: {us:.0f}" for c, us in timings),
+          flush=True)
 
 
 if __name__ == "__main__":

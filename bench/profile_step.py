@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,6 +29,13 @@ def profile(step, top: int, label: str) -> None:
         step()
     if cuda:
         torch.cuda.synchronize()
+    walls = []
+    for _ in range(3):  # the step's own time, outside the profiler, to compare with its kernels' time
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
@@ -38,6 +46,10 @@ def profile(step, top: int, label: str) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
     if cuda:
         print(kinds(prof))
+        busy = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA") / 1e3
+        wall = 1e3 * sorted(walls)[1]
+        print(f"kernels {busy:.1f} ms of a {wall:.1f} ms step (median of 3, unprofiled): the GPU idles "
+              f"{max(0.0, 1 - busy / wall):.0%} of it (host-bound where large)")
 
 
 KINDS = (("triton (compiled)", ("triton",)),  # first: fused kernels are named after the ops they hold (_scaled_mm)

@@ -23,6 +23,7 @@ import dataclasses
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -180,8 +181,11 @@ def _op(name: str):
     return torch.library.custom_op(name, mutates_args=())
 
 
-def _launch(kernel):
-    return torch.library.wrap_triton(kernel)
+def _launch(kernel, x: torch.Tensor):
+    """The kernel as it must be launched for tensors like x: wrapped, while the compiler traces a triton_op's body
+    (x is then a fake tensor), so that it sees the launch; the kernel itself for real tensors, where the wrapper
+    would send each launch through torch's tracing machinery."""
+    return torch.library.wrap_triton(kernel) if is_fake(x) else kernel
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,7 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, device: t
     m, k = shape
     threshold, _ = _threshold(p)
     out = torch.empty(m, k, dtype=torch.int8, device=device)
-    _launch(_mask_kernel)[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, seed, m, k, threshold, BM=32, BK=64)
+    _mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, seed, m, k, threshold, BM=32, BK=64)
     return out.bool()
 
 
@@ -240,9 +244,17 @@ def launch_down(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, seed: torc
     """out[M, R] = dropout(x2) @ a.T: one program per `bm` rows, looping over the columns."""
     m, k = x2.shape
     threshold, scale = _threshold(p)
-    _launch(_down_kernel)[(triton.cdiv(m, tiles.bm),)](
+    _launch(_down_kernel, x2)[(triton.cdiv(m, tiles.bm),)](
         x2, a, out, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), threshold, scale, BM=tiles.bm,
         BK=tiles.bk, RP=_rank_pad(a.shape[0]), num_warps=tiles.warps, **_dot_options(x2))
+
+
+def _rows_per_program(device: torch.device, m: int, col_blocks: int, bm: int, per_sm: int) -> int:
+    """How many of m rows each backward program takes, whole `bm` tiles, so that column blocks times row slices
+    give about `per_sm` programs per multiprocessor (4 in all under the interpreter)."""
+    programs = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if device.type == "cuda" else 4
+    splits = max(1, min(triton.cdiv(m, bm), programs // col_blocks))
+    return triton.cdiv(triton.cdiv(m, splits), bm) * bm
 
 
 def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx: torch.Tensor,
@@ -253,11 +265,8 @@ def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx
     m, k = x2.shape
     threshold, scale = _threshold(p)
     col_blocks = triton.cdiv(k, tiles.back_bk)
-    programs = (torch.cuda.get_device_properties(x2.device).multi_processor_count * tiles.programs_per_sm
-                if x2.is_cuda else 4)
-    splits = max(1, min(triton.cdiv(m, tiles.back_bm), programs // col_blocks))
-    rows_per_program = triton.cdiv(triton.cdiv(m, splits), tiles.back_bm) * tiles.back_bm
-    _launch(_down_backward_kernel)[(col_blocks, triton.cdiv(m, rows_per_program))](
+    rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm, tiles.programs_per_sm)
+    _launch(_down_backward_kernel, x2)[(col_blocks, triton.cdiv(m, rows_per_program))](
         g2, x2, a, gx, ga, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), rows_per_program, threshold, scale,
         WANT_GX=want_gx, BM=tiles.back_bm, BK=tiles.back_bk, RP=_rank_pad(a.shape[0]),
         num_warps=tiles.back_warps, **_dot_options(x2))
@@ -267,7 +276,7 @@ def launch_up(base2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, out: torc
               tiles: Tiles = TILES) -> None:
     """out[M, N] = base2 + scale * low @ b.T: one program per tile of the output."""
     m, n = base2.shape
-    _launch(_up_kernel)[(triton.cdiv(m, tiles.up_bm), triton.cdiv(n, tiles.up_bn))](
+    _launch(_up_kernel, base2)[(triton.cdiv(m, tiles.up_bm), triton.cdiv(n, tiles.up_bn))](
         base2, low, b, out, m, n, b.shape[1], base2.stride(0), b.stride(0), scale, BM=tiles.up_bm, BN=tiles.up_bn,
         RP=_rank_pad(b.shape[1]), num_warps=tiles.up_warps, **_dot_options(base2))
 
@@ -278,11 +287,8 @@ def launch_up_backward(g2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, glo
     once. Programs are column blocks times slices of the rows, enough of them to fill the GPU."""
     m, n = g2.shape
     col_blocks = triton.cdiv(n, tiles.up_back_bn)
-    programs = (torch.cuda.get_device_properties(g2.device).multi_processor_count * tiles.up_programs_per_sm
-                if g2.is_cuda else 4)
-    splits = max(1, min(triton.cdiv(m, tiles.up_back_bm), programs // col_blocks))
-    rows_per_program = triton.cdiv(triton.cdiv(m, splits), tiles.up_back_bm) * tiles.up_back_bm
-    _launch(_up_backward_kernel)[(col_blocks, triton.cdiv(m, rows_per_program))](
+    rows_per_program = _rows_per_program(g2.device, m, col_blocks, tiles.up_back_bm, tiles.up_programs_per_sm)
+    _launch(_up_backward_kernel, g2)[(col_blocks, triton.cdiv(m, rows_per_program))](
         g2, low, b, glow, gb, m, n, b.shape[1], g2.stride(0), b.stride(0), rows_per_program, scale,
         WANT_LOW=want_low, WANT_B=want_b, BM=tiles.up_back_bm, BN=tiles.up_back_bn, RP=_rank_pad(b.shape[1]),
         num_warps=tiles.up_back_warps, **_dot_options(g2))
