@@ -41,12 +41,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the launcher dies (so a killed launcher leaves no ranks behind)."""
+def _prepare_rank() -> None:
+    """In the child, before the rank's Python starts: SIGKILL when the launcher dies (so a killed launcher leaves no
+    ranks behind), and SIGINT back to its default. The launcher passes Ctrl-C on to the ranks, but a process started
+    with SIGINT ignored (a script's background job, a parent that ignored it) hands that on, and Python then keeps
+    ignoring it instead of raising KeyboardInterrupt: the chat would not end, nor a step be finished and saved."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -82,7 +86,7 @@ class Ranks:
             env.setdefault("OMP_NUM_THREADS", "1")
             self.procs.append(subprocess.Popen([sys.executable, "-u", a.script, *a.args], env=env,
                                                stdin=None if rank == 0 else subprocess.DEVNULL,
-                                               start_new_session=True, preexec_fn=_die_with_parent))
+                                               start_new_session=True, preexec_fn=_prepare_rank))
         self.interrupts = 0
         self.kill_at: float | None = None
 

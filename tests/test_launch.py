@@ -129,15 +129,22 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_llama, tmp_path):
     assert read_latest(out) is None
 
 
-def test_ctrl_c_at_the_chat_prompt_ends_quietly(tiny_llama, tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_at_the_chat_prompt_ends_quietly(inherited, tiny_llama, tmp_path):
+    """ignored: gen.sh started with SIGINT ignored (a script's background job), which its processes inherit; the
+    launcher still passes Ctrl-C on, and the ranks must act on it."""
     out = str(tmp_path / "out")
     trained = subprocess.run(["bash", os.path.join(ROOT, "slurm", "run.sh"),
                               *flags(tiny_llama, out, "--max_steps", "2", "--pp", "2")],
                              capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=ENV)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    chat = Running(["bash", os.path.join(ROOT, "slurm", "gen.sh"), "--model_path", tiny_llama, "--output_dir", out,
-                    "--resume_peft_from_checkpoint", "latest", "--max_new_tokens", "8"], str(tmp_path),
-                   stdin=subprocess.PIPE)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if inherited == "ignored" else signal.default_int_handler)
+    try:
+        chat = Running(["bash", os.path.join(ROOT, "slurm", "gen.sh"), "--model_path", tiny_llama, "--output_dir",
+                        out, "--resume_peft_from_checkpoint", "latest", "--max_new_tokens", "8"], str(tmp_path),
+                       stdin=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, before)
     chat.proc.stdin.write("你是谁？\n")
     chat.proc.stdin.flush()
     chat.wait_for(">>> ", count=2)  # the question was answered and the next prompt is up
