@@ -73,7 +73,7 @@ def main() -> None:
     from torch.utils.checkpoint import checkpoint
 
     from merak_lora import fused_lora
-    from merak_lora.lora import _dropped_low_rank
+    from merak_lora.lora import _dropped_low_rank, added_up_by_cublas
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -108,8 +108,7 @@ def main() -> None:
                 "fused Triton kernels": down(lambda: fused_lora.dropped_down(x, a, fused_lora.new_seed(dev), P)),
             },
             "up": {
-                "addmm and its two thin products (before)": up(lambda: torch.addmm(base, low, b.to(dtype).t(),
-                                                                                   alpha=S)),
+                "addmm and its two thin products (before)": up(lambda: added_up_by_cublas(base, low, b, S)),
                 "fused Triton kernels": up(lambda: fused_lora.added_up(base, low, b, S)),
             },
         }

@@ -90,10 +90,8 @@ def worker(args) -> None:
         if args.worker.endswith("_compiler_dropout"):
             fused_lora.usable = lambda x: False
         elif args.worker.endswith("_addmm_up"):
-            import torch
-            fused_lora.added_up = lambda base, low, b, scale: torch.addmm(
-                base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(low.dtype).t(),
-                alpha=scale).view_as(base)
+            from merak_lora.lora import added_up_by_cublas
+            fused_lora.added_up = added_up_by_cublas
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)

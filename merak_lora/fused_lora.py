@@ -368,7 +368,7 @@ def added_up_backward(g: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale
     gb = torch.zeros(b.shape if want_b else (0,), dtype=torch.float32, device=g.device)
     if m:
         launch_up_backward(g2, low2, b.contiguous(), glow, gb, scale, want_low, want_b)
-    return (glow.to(low.dtype).view(low.shape) if want_low else glow.to(low.dtype)), gb.to(b.dtype)
+    return glow.to(low.dtype).view(low.shape if want_low else (0,)), gb.to(b.dtype)
 
 
 @added_up_backward.register_fake

@@ -284,20 +284,23 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     drop = self.lora_dropout[name]
-    fused = (torch.compiler.is_compiling() and torch.is_grad_enabled() and getattr(self, "fused_kernels", True)
-             and fused_lora.usable(x))
-    if torch.compiler.is_compiling() and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 \
-            and torch.is_grad_enabled():
+    compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
+    fused = compiled_training and getattr(self, "fused_kernels", True) and fused_lora.usable(x)
+    if compiled_training and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
         if fused:
             low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
         else:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
-    if fused:
-        return fused_lora.added_up(result, low, b, self.scaling[name])
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(x.dtype).t(),
-                      alpha=self.scaling[name])
+    return (fused_lora.added_up if fused else added_up_by_cublas)(result, low, b, self.scaling[name])
+
+
+def added_up_by_cublas(result: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """result + scale * low @ b.T as one addmm, b cast to the activations' dtype: `fused_lora.added_up` where Triton
+    does not run."""
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(low.dtype).t(),
+                      alpha=scale)
     return out.view_as(result)
 
 
