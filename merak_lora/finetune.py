@@ -43,7 +43,12 @@ __all__ = ["main", "run", "make_plan", "build_stages"]
 
 
 class Stopped(RuntimeError):
-    """Stopped by a signal after saving a checkpoint (exit code 75: try again / resume)."""
+    """Stopped by a signal after saving a checkpoint (exit code 75: try again / resume). `requeue`: a preemption
+    under Slurm, whose job rank 0 puts back in the queue once the line is out (requeueing ends the job at once)."""
+
+    def __init__(self, message: str, requeue: bool = False) -> None:
+        super().__init__(message)
+        self.requeue = requeue
 
 
 @contextmanager
@@ -179,12 +184,12 @@ def run(cfg: Config) -> list[TrainState]:
         metrics.close()
     states = [job.state for job in jobs]
     if trainer.stopped_by:
-        requeued = slurm.requeue() if layout.rank == 0 and trainer.stopped_by == STOP_PREEMPT else False
+        requeue = trainer.stopped_by == STOP_PREEMPT and slurm.job_id() is not None
         why = "a preemption signal" if trainer.stopped_by == STOP_PREEMPT else "Ctrl-C"
         saved = f"checkpoint-{trainer.round} is saved" if cfg.save else "nothing saved (--save false)"
         raise Stopped(f"stopped by {why} after step {trainer.round}: {saved}"
-                      + ("; the job is requeued" if requeued else
-                         "; continue with --resume_peft_from_checkpoint latest"))
+                      + ("; requeueing the job, which resumes from it" if requeue else
+                         "; continue with --resume_peft_from_checkpoint latest"), requeue)
     folders = []
     for job in jobs:
         folder = os.path.join(cfg.output_dir, "adapter", job.spec.label) if cfg.save else None
@@ -261,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except Stopped as e:
         say(str(e))
+        if e.requeue and rank == 0:
+            slurm.requeue(slurm.job_id())
         return 75
     except KeyboardInterrupt:
         say("interrupted before training started; nothing was saved")

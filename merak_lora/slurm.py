@@ -22,17 +22,12 @@ def restart_count() -> int:
         return 0
 
 
-def requeue() -> bool:
-    """Put this batch job back in the queue (it restarts from scratch and resumes from `latest`)."""
-    jid = job_id()
-    if jid is None:
-        return False
+def requeue(jid: str) -> None:
+    """Put batch job `jid` back in the queue (it restarts from scratch and resumes from `latest`). Slurm ends the
+    job's processes as it does so: say what happened before calling this."""
     try:
         subprocess.run(["scontrol", "requeue", jid], check=True, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
         log.warning(f"could not requeue Slurm job {jid} ({str(detail).strip()}); only batch jobs can be requeued. "
                     "Resume by hand with --resume_peft_from_checkpoint latest")
-        return False
-    log.warning(f"requeued Slurm job {jid}: it will resume from the checkpoint just written")
-    return True
