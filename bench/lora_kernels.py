@@ -3,7 +3,8 @@ tokens (widths 4096 for q,k,v,o,gate,up and 14336 for down's input and gate's, u
 `--compile true` ran before the fused Triton kernels (merak_lora.fused_lora) and eager PyTorch; then the kernels'
 tile choices:
 - down: dropout(x) @ A.T against the compiler's dropout recomputed in the backward;
-- up: base + s * low @ B.T against cuBLAS's addmm and its backward's two thin products.
+- up: base + s * low @ B.T against cuBLAS's addmm and its backward's two thin products;
+- down for 3 and 2 targets reading one input (q, k, v; gate, up): one kernel for all against one per target.
 Both are first checked against torch on the GPU, in bf16, at this size (`fused_lora.disagreement`, the stages' own
 check).
 
@@ -100,6 +101,17 @@ def main() -> None:
         def up(forward):
             return lambda: torch.autograd.grad(forward(), (low, b), g_out)
 
+        def shared(targets: int, one_kernel: bool):
+            """The down projections of `targets` reading x: one kernel for all, or one per target (before)."""
+            at, g = a_shared[:targets * R], g_shared[:, :targets * R]
+            if one_kernel:
+                return lambda: torch.autograd.grad(
+                    fused_lora.dropped_down(x, at, fused_lora.new_seed(dev, targets), P), (x, a_shared), g)
+            return lambda: torch.autograd.grad(torch.cat([fused_lora.dropped_down(
+                x, at[t * R:(t + 1) * R], fused_lora.new_seed(dev), P) for t in range(targets)], -1), (x, a_shared), g)
+
+        a_shared = (torch.randn(3 * R, k, device=dev) / k ** 0.5).requires_grad_(True)
+        g_shared = torch.randn(args.tokens, 3 * R, device=dev, dtype=dtype)
         base = x.detach()  # stands in for the base layer's output
         variants = {
             "down": {
@@ -111,6 +123,10 @@ def main() -> None:
                 "addmm and its two thin products (before)": up(lambda: added_up_by_cublas(base, low, b, S)),
                 "fused Triton kernels": up(lambda: fused_lora.added_up(base, low, b, S)),
             },
+            **{f"down, {n} targets of one input ({names})": {
+                "one fused kernel per target (before)": shared(n, False),
+                "one fused kernel for all": shared(n, True),
+            } for n, names in ((3, "q, k, v"), (2, "gate, up"))},
         }
         copy = timed(lambda: x.detach().clone(), cuda)  # reads and writes an activation once: 2 passes
         floor = copy / 2 * 3
@@ -127,7 +143,7 @@ def main() -> None:
                   "" if args.sweep == "true" else args.sweep)
     table = markdown_table(["activation (tokens x width)", "half", "r=8, p=0.1", "GPU time, forward + backward (us)",
                             "of the copy-rate floor", "vs before", "one eager call, host included (us)"], rows)
-    report("LoRA's down and up projections, fused, one target (issue 16)", table,
+    report("LoRA's down and up projections, fused, one target and targets sharing an input (issue 16)", table,
            f"{dtype} activations, fp32 adapter. GPU time: the kernels of one forward and backward, summed from a "
            "profile (a compiled step keeps the GPU busy, so its kernels are what it pays). The floor: three passes "
            "over the activation at the rate of a device-to-device copy of it in the same run.",

@@ -39,9 +39,10 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
     "ours_fp8_mb4": ("ours", False, 4, ["--compile", "true", "--fp8", "true"]),
 }
 # The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
-# cuBLAS's addmm), or without its up projection alone: each kernel's gain in one call.
+# cuBLAS's addmm), without its up projection alone, or with one down-projection kernel per target where targets
+# share an input (q,k,v; gate,up): each kernel's gain in one call.
 VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
-                 for without in ("compiler_dropout", "addmm_up")})
+                 for without in ("compiler_dropout", "addmm_up", "per_target")})
 
 
 def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int, liger: bool = False) -> dict:
@@ -92,6 +93,9 @@ def worker(args) -> None:
         elif args.worker.endswith("_addmm_up"):
             from merak_lora.lora import added_up_by_cublas
             fused_lora.added_up = added_up_by_cublas
+        elif args.worker.endswith("_per_target"):
+            from merak_lora import stage
+            stage.group_shared_inputs = lambda model: None
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)

@@ -6,7 +6,9 @@ target's dropped copy of its input and reads it back for the product, and draws 
 dropout kernels were 11% of a compiled Llama step's GPU time, bench/PERF_NOTES.md). Here one Philox call gives the
 mask of 8 consecutive elements (16 random bits each), nothing of the size of x is written in the forward, and the
 backward writes only the input gradient. The mask is a function of (seed, row, column) alone, so the forward, the
-backward and `dropout_mask` agree whatever their tiling.
+backward and `dropout_mask` agree whatever their tiling. Targets that read one input (q, k, v; gate, up:
+`lora.SharedInput`) share one kernel, one seed each: x is read once, and the backward writes their summed input
+gradient once.
 
 The up projection is added to the base output in one pass, and its backward reads the output gradient once for both
 B's gradient and the low-rank one. cuBLAS's addmm and its backward's two thin products of rank 8 ran at 40-44% of
@@ -33,6 +35,7 @@ except ImportError:  # a CPU install without Triton: the fused path is simply no
 
 BITS = 16  # random bits per element: the drop probability is rounded to a multiple of 2**-16
 GROUP = 8  # elements per Philox call (4 words of 32 bits, two elements each)
+MAX_TARGETS = 3  # down projections one kernel computes from one input (q, k, v)
 
 
 def runs_on(device: torch.device) -> bool:
@@ -74,50 +77,118 @@ if triton is not None:
                  mask=(rows < M)[:, None] & (cols < K)[None, :])
 
     @triton.jit
-    def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, stride_x, stride_a, threshold, scale,
+    def _target_down(acc, x, a_ptr, t, seed_ptr, rows, k0, cols, K, R, stride_a, threshold,
                      BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        """acc + target t's mask on the tile x, times target t's rows of A (transposed)."""
         rr = tl.arange(0, RP)
-        seed = tl.load(seed_ptr)
-        acc = tl.zeros((BM, RP), dtype=tl.float32)
+        a_t = tl.load(a_ptr + (t * R + rr)[None, :] * stride_a + cols[:, None],
+                      mask=(rr < R)[None, :] & (cols < K)[:, None], other=0.0).to(x.dtype)
+        keep = _bits(tl.load(seed_ptr + t), rows, k0 // 8, K, BM, BK) >= threshold
+        return tl.dot(tl.where(keep, x, 0.0).to(DOT), a_t.to(DOT), acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _store_low(out_ptr, acc, t, rows, M, R, T: tl.constexpr, RP: tl.constexpr):
+        rr = tl.arange(0, RP)
+        tl.store(out_ptr + rows[:, None] * (T * R) + (t * R + rr)[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (rr < R)[None, :])
+
+    @triton.jit
+    def _down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, stride_x, stride_a, threshold, scale,
+                     T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT: tl.constexpr):
+        """For each of the T (1-3) targets sharing x, rank R each: its own mask (seed t) on x and its rows of A,
+        with one read of each tile of x; out holds the targets side by side."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        acc0 = tl.zeros((BM, RP), dtype=tl.float32)
+        acc1 = tl.zeros((BM, RP), dtype=tl.float32)
+        acc2 = tl.zeros((BM, RP), dtype=tl.float32)
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :],
                         mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0)
-            x = tl.where(_bits(seed, rows, k0 // 8, K, BM, BK) >= threshold, x, 0.0)
-            a_t = tl.load(a_ptr + rr[None, :] * stride_a + cols[:, None],
-                          mask=(rr < R)[None, :] & (cols < K)[:, None], other=0.0).to(x.dtype)
-            acc = tl.dot(x.to(DOT), a_t.to(DOT), acc, input_precision=PRECISION)
-        tl.store(out_ptr + rows[:, None] * R + rr[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
-                 mask=(rows < M)[:, None] & (rr < R)[None, :])
+            acc0 = _target_down(acc0, x, a_ptr, 0, seed_ptr, rows, k0, cols, K, R, stride_a, threshold,
+                                BM, BK, RP, PRECISION, DOT)
+            if T > 1:
+                acc1 = _target_down(acc1, x, a_ptr, 1, seed_ptr, rows, k0, cols, K, R, stride_a, threshold,
+                                    BM, BK, RP, PRECISION, DOT)
+            if T > 2:
+                acc2 = _target_down(acc2, x, a_ptr, 2, seed_ptr, rows, k0, cols, K, R, stride_a, threshold,
+                                    BM, BK, RP, PRECISION, DOT)
+        _store_low(out_ptr, acc0 * scale, 0, rows, M, R, T, RP)
+        if T > 1:
+            _store_low(out_ptr, acc1 * scale, 1, rows, M, R, T, RP)
+        if T > 2:
+            _store_low(out_ptr, acc2 * scale, 2, rows, M, R, T, RP)
+
+    @triton.jit
+    def _target_back(ga, gx, x, g_ptr, a_t, t, seed_ptr, rows, group0, K, R, M, threshold, T: tl.constexpr,
+                     WANT_GX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                     PRECISION: tl.constexpr, DOT: tl.constexpr):
+        """Target t's share of one row tile: its A gradient added to ga, its input gradient (through its mask)
+        to gx."""
+        rr = tl.arange(0, RP)
+        g = tl.load(g_ptr + rows[:, None] * (T * R) + (t * R + rr)[None, :],
+                    mask=(rows < M)[:, None] & (rr < R)[None, :], other=0.0)
+        keep = _bits(tl.load(seed_ptr + t), rows, group0, K, BM, BK) >= threshold
+        ga = tl.dot(tl.trans(g).to(DOT), tl.where(keep, x, 0.0).to(DOT), ga, input_precision=PRECISION)
+        if WANT_GX:
+            gx += tl.where(keep, tl.dot(g.to(DOT), a_t.to(DOT), input_precision=PRECISION), 0.0)
+        return ga, gx
+
+    @triton.jit
+    def _a_rows(a_ptr, t, cols, K, R, stride_a, dtype, RP: tl.constexpr):
+        rr = tl.arange(0, RP)
+        return tl.load(a_ptr + (t * R + rr)[:, None] * stride_a + cols[None, :],
+                       mask=(rr < R)[:, None] & (cols < K)[None, :], other=0.0).to(dtype)
+
+    @triton.jit
+    def _add_ga(ga_ptr, ga, t, cols, K, R, RP: tl.constexpr):
+        rr = tl.arange(0, RP)
+        tl.atomic_add(ga_ptr + (t * R + rr)[:, None] * K + cols[None, :], ga,
+                      mask=(rr < R)[:, None] & (cols < K)[None, :])
 
     @triton.jit
     def _down_backward_kernel(g_ptr, x_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, stride_x, stride_a,
-                              rows_per_program, threshold, scale, WANT_GX: tl.constexpr,
-                              BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
+                              rows_per_program, threshold, scale, WANT_GX: tl.constexpr, T: tl.constexpr,
+                              BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
+                              DOT: tl.constexpr):
         """One column block of A's gradient over one slice of the rows (added atomically), and that block of
-        the input gradient for those rows."""
+        the input gradient for those rows: the sum over the T targets, each through its own mask, written once."""
         cols = tl.program_id(0) * BK + tl.arange(0, BK)
-        rr = tl.arange(0, RP)
-        seed = tl.load(seed_ptr)
-        a = tl.load(a_ptr + rr[:, None] * stride_a + cols[None, :],
-                    mask=(rr < R)[:, None] & (cols < K)[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-        ga = tl.zeros((RP, BK), dtype=tl.float32)
+        group0 = tl.program_id(0) * (BK // 8)
+        dtype = x_ptr.dtype.element_ty
+        a0 = _a_rows(a_ptr, 0, cols, K, R, stride_a, dtype, RP)
+        a1 = a0
+        a2 = a0
+        if T > 1:
+            a1 = _a_rows(a_ptr, 1, cols, K, R, stride_a, dtype, RP)
+        if T > 2:
+            a2 = _a_rows(a_ptr, 2, cols, K, R, stride_a, dtype, RP)
+        ga0 = tl.zeros((RP, BK), dtype=tl.float32)
+        ga1 = tl.zeros((RP, BK), dtype=tl.float32)
+        ga2 = tl.zeros((RP, BK), dtype=tl.float32)
         first = tl.program_id(1) * rows_per_program
         for m0 in range(first, first + rows_per_program, BM):
             rows = m0 + tl.arange(0, BM)
-            in_rows = (rows < M)[:, None]
-            g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=in_rows & (rr < R)[None, :], other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=in_rows & (cols < K)[None, :],
-                        other=0.0)
-            keep = _bits(seed, rows, tl.program_id(0) * (BK // 8), K, BM, BK) >= threshold
-            ga = tl.dot(tl.trans(g).to(DOT), tl.where(keep, x, 0.0).to(DOT), ga, input_precision=PRECISION)
+            inside = (rows < M)[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
+            gx = tl.zeros((BM, BK), dtype=tl.float32)
+            ga0, gx = _target_back(ga0, gx, x, g_ptr, a0, 0, seed_ptr, rows, group0, K, R, M, threshold, T,
+                                   WANT_GX, BM, BK, RP, PRECISION, DOT)
+            if T > 1:
+                ga1, gx = _target_back(ga1, gx, x, g_ptr, a1, 1, seed_ptr, rows, group0, K, R, M, threshold, T,
+                                       WANT_GX, BM, BK, RP, PRECISION, DOT)
+            if T > 2:
+                ga2, gx = _target_back(ga2, gx, x, g_ptr, a2, 2, seed_ptr, rows, group0, K, R, M, threshold, T,
+                                       WANT_GX, BM, BK, RP, PRECISION, DOT)
             if WANT_GX:
-                gx = tl.dot(g.to(DOT), a.to(DOT), input_precision=PRECISION)
-                tl.store(gx_ptr + rows[:, None] * K + cols[None, :],
-                         tl.where(keep, gx * scale, 0.0).to(gx_ptr.dtype.element_ty),
-                         mask=in_rows & (cols < K)[None, :])
-        tl.atomic_add(ga_ptr + rr[:, None] * K + cols[None, :], ga * scale, mask=(rr < R)[:, None] & (cols < K)[None, :])
+                tl.store(gx_ptr + rows[:, None] * K + cols[None, :], (gx * scale).to(gx_ptr.dtype.element_ty),
+                         mask=inside)
+        _add_ga(ga_ptr, ga0 * scale, 0, cols, K, R, RP)
+        if T > 1:
+            _add_ga(ga_ptr, ga1 * scale, 1, cols, K, R, RP)
+        if T > 2:
+            _add_ga(ga_ptr, ga2 * scale, 2, cols, K, R, RP)
 
 
     @triton.jit
@@ -216,12 +287,13 @@ def dropout_mask(seed: torch.Tensor, shape: tuple[int, int], p: float, device: t
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """The kernels' block sizes: rows and columns per tile, warps, and backward programs per multiprocessor.
-    The fastest of bench/lora_kernels.py's sweep on one H100 over 6144 rows of 4096 and of 14336 columns:
-    down forward 41 and 123 us, backward 62 and 182 us (the first choice, 32-row tiles throughout: 44 and ~135, 75
-    and ~260); up (`up_*`) forward 42 and 131 us (every tile from 32 x 64 to 128 x 256 within 10%), backward 37 and
-    78 us (32-row blocks: 34 and 90)."""
+    The fastest of sweeps on one H100 over 6144 rows of 4096 and of 14336 columns (bench/lora_kernels.py, and
+    bench/PERF_NOTES.md for the down projection of several targets): down forward 35 and 114 us, backward 57 and
+    183 us, with three targets of one input `bk` halved (forward 102 us against 152, backward 141 against 171), so
+    that a tile's work, targets x columns, stays the same; up (`up_*`) forward 42 and 131 us (every tile from 32 x
+    64 to 128 x 256 within 10%), backward 37 and 78 us (32-row blocks: 34 and 90)."""
     bm: int = 16
-    bk: int = 256
+    bk: int = 128
     warps: int = 4
     back_bm: int = 16
     back_bk: int = 128
@@ -239,14 +311,22 @@ class Tiles:
 TILES = Tiles()
 
 
+def _columns(bk: int, targets: int) -> int:
+    """Columns per tile of the down kernels for `targets` sharing an input (see Tiles)."""
+    return bk // 2 if targets == MAX_TARGETS else bk
+
+
 def launch_down(x2: torch.Tensor, a: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float,
                 tiles: Tiles = TILES) -> None:
-    """out[M, R] = dropout(x2) @ a.T: one program per `bm` rows, looping over the columns."""
+    """out[M, T*R] = dropout(x2) @ a.T with one mask per seed, a's T*R rows being T targets of rank R: one program
+    per `bm` rows, looping over the columns."""
     m, k = x2.shape
+    targets = seed.numel()
     threshold, scale = _threshold(p)
     _launch(_down_kernel, x2)[(triton.cdiv(m, tiles.bm),)](
-        x2, a, out, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), threshold, scale, BM=tiles.bm,
-        BK=tiles.bk, RP=_rank_pad(a.shape[0]), num_warps=tiles.warps, **_dot_options(x2))
+        x2, a, out, seed, m, k, a.shape[0] // targets, x2.stride(0), a.stride(0), threshold, scale, T=targets,
+        BM=tiles.bm, BK=_columns(tiles.bk, targets), RP=_rank_pad(a.shape[0] // targets), num_warps=tiles.warps,
+        **_dot_options(x2))
 
 
 def _rows_per_program(device: torch.device, m: int, col_blocks: int, bm: int, per_sm: int) -> int:
@@ -260,15 +340,17 @@ def _rows_per_program(device: torch.device, m: int, col_blocks: int, bm: int, pe
 def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx: torch.Tensor,
                          ga: torch.Tensor, seed: torch.Tensor, p: float, want_gx: bool,
                          tiles: Tiles = TILES) -> None:
-    """ga[R, K] += the gradient for a (fp32, zeroed by the caller); gx[M, K] = the gradient for x2 if want_gx.
-    Programs are column blocks times slices of the rows, enough of them to fill the GPU."""
+    """ga[T*R, K] += the gradient for a (fp32, zeroed by the caller); gx[M, K] = the gradient for x2 if want_gx,
+    summed over the targets. Programs are column blocks times slices of the rows, enough of them to fill the GPU."""
     m, k = x2.shape
+    targets = seed.numel()
     threshold, scale = _threshold(p)
-    col_blocks = triton.cdiv(k, tiles.back_bk)
+    bk = _columns(tiles.back_bk, targets)
+    col_blocks = triton.cdiv(k, bk)
     rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm, tiles.programs_per_sm)
     _launch(_down_backward_kernel, x2)[(col_blocks, triton.cdiv(m, rows_per_program))](
-        g2, x2, a, gx, ga, seed, m, k, a.shape[0], x2.stride(0), a.stride(0), rows_per_program, threshold, scale,
-        WANT_GX=want_gx, BM=tiles.back_bm, BK=tiles.back_bk, RP=_rank_pad(a.shape[0]),
+        g2, x2, a, gx, ga, seed, m, k, a.shape[0] // targets, x2.stride(0), a.stride(0), rows_per_program,
+        threshold, scale, WANT_GX=want_gx, T=targets, BM=tiles.back_bm, BK=bk, RP=_rank_pad(a.shape[0] // targets),
         num_warps=tiles.back_warps, **_dot_options(x2))
 
 
@@ -296,7 +378,12 @@ def launch_up_backward(g2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, glo
 
 @_op("merak_lora::dropped_down")
 def dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ a.T in x's dtype, the mask drawn from `seed` (an int64 tensor of one element)."""
+    """dropout(x, p) @ a.T in x's dtype, the mask drawn from `seed` (an int64 tensor). With several seeds (up to
+    MAX_TARGETS), a's rows are the A matrices of as many targets that read x, stacked (equal ranks), and each
+    target's part of the output has its own mask: x is read once for all of them."""
+    if not 0 < seed.numel() <= MAX_TARGETS or a.shape[0] % seed.numel():
+        raise ValueError(f"{seed.numel()} seeds for an A of {a.shape[0]} rows: 1 to {MAX_TARGETS} targets of "
+                         "equal rank")
     x2 = _rows(x)
     out = torch.empty(x2.shape[0], a.shape[0], dtype=x.dtype, device=x.device)
     if x2.shape[0]:
@@ -312,7 +399,8 @@ def _(x, a, seed, p):
 @_op("merak_lora::dropped_down_backward")
 def dropped_down_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
                           want_gx: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `dropped_down` for x (empty unless want_gx) and for a, from the same mask."""
+    """The gradients of `dropped_down` for x (empty unless want_gx; summed over the targets) and for a, from the
+    same masks."""
     x2 = _rows(x)
     m, k = x2.shape
     gx = torch.empty((m, k) if want_gx else (0,), dtype=x.dtype, device=x.device)
@@ -392,40 +480,49 @@ def _up_backward(ctx, g):
 added_up.register_autograd(_up_backward, setup_context=_up_setup)
 
 
-def new_seed(device: torch.device) -> torch.Tensor:
-    """A mask seed drawn from the device's generator, so AdapterSwitch's streams and a resumed run's restored RNG
-    state decide the masks as they decide the compiler's dropout."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+def new_seed(device: torch.device, n: int = 1) -> torch.Tensor:
+    """`n` mask seeds drawn from the device's generator, so AdapterSwitch's streams and a resumed run's restored
+    RNG state decide the masks as they decide the compiler's dropout."""
+    return torch.randint(0, 2**31 - 1, (n,), device=device, dtype=torch.int64)
 
 
 def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 48, k: int = 256) -> str | None:
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
-    raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same mask), or None. A
-    Triton build that miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md
-    records such a fault in a variant of the backward, on an H100 only), so a stage checks once before it trains.
-    Draws nothing from the device's generator: the masks of the run stay as they were."""
+    raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same masks), or None: one
+    target's two halves, and the down projection of three targets sharing an input. A Triton build that miscompiles
+    them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md records such a fault in a variant of
+    the backward, on an H100 only), so a stage checks once before it trains. Draws nothing from the device's
+    generator: the masks of the run stay as they were."""
     p, scale = 0.25, 4.0  # p a multiple of 2**-16: the kernels' dropout scale is exactly 1 / (1 - p)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
-    a = torch.randn(rank, k, generator=gen, device=device).requires_grad_(True)
+    a = torch.randn(MAX_TARGETS * rank, k, generator=gen, device=device).requires_grad_(True)
     b = torch.randn(k, rank, generator=gen, device=device).requires_grad_(True)
     base = torch.randn(m, k, generator=gen, device=device).to(dtype)
     up = torch.randn(m, k, generator=gen, device=device).to(dtype)
-    seed = torch.tensor([20261124], dtype=torch.int64, device=device)
+    up_low = torch.randn(m, MAX_TARGETS * rank, generator=gen, device=device).to(dtype)
+    seeds = torch.arange(20261124, 20261124 + MAX_TARGETS, dtype=torch.int64, device=device)
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            low = dropped_down(x, a, seed, p)
+            low = dropped_down(x, a[:rank], seeds[:1], p)
             out = added_up(base, low, b, scale)
             got = (low, out, *torch.autograd.grad(out, (x, a, b), up))
-            keep = dropout_mask(seed, (m, k), p, device)
+            shared = dropped_down(x, a, seeds, p)
+            got_shared = (shared, *torch.autograd.grad(shared, (x, a), up_low))
+            keeps = [dropout_mask(seeds[t:t + 1], (m, k), p, device) for t in range(MAX_TARGETS)]
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     x_ref, a_ref, b_ref = (t.detach().clone().float().requires_grad_(True) for t in (x, a, b))
-    low_ref = (x_ref * keep / (1 - p)) @ a_ref.to(dtype).float().t()
-    out_ref = base.float() + scale * low_ref.to(dtype).float() @ b_ref.to(dtype).float().t()
-    wanted = (low_ref, out_ref, *torch.autograd.grad(out_ref, (x_ref, a_ref, b_ref), up.float()))
-    for what, mine, ref in zip(("low-rank output", "output", "input gradient", "A's gradient", "B's gradient"),
-                               got, wanted):
+    lows = [(x_ref * keep / (1 - p)) @ a_ref[t * rank:(t + 1) * rank].to(dtype).float().t()
+            for t, keep in enumerate(keeps)]
+    out_ref = base.float() + scale * lows[0].to(dtype).float() @ b_ref.to(dtype).float().t()
+    wanted = (lows[0], out_ref,
+              *torch.autograd.grad(out_ref, (x_ref, a_ref, b_ref), up.float(), retain_graph=True))
+    shared_ref = torch.cat(lows, dim=-1)
+    wanted_shared = (shared_ref, *torch.autograd.grad(shared_ref, (x_ref, a_ref), up_low.float()))
+    for what, mine, ref in zip(("low-rank output", "output", "input gradient", "A's gradient", "B's gradient",
+                                "shared-input output", "shared-input input gradient", "shared-input A gradient"),
+                               got + got_shared, wanted + wanted_shared):
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
         if not err < 2e-2:  # bf16: a few roundings of the result, 2**-8 each
             return f"its {what} is off torch's by {err:.3g} of the largest entry"

@@ -272,11 +272,12 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     `fused_lora` does both halves: the down projection draws its dropout mask inside the product and again in its
     backward from a saved seed, and the up projection is added to the base output in one pass whose backward reads
     the output gradient once for B's gradient and the low-rank one (cuBLAS's addmm and its two thin products ran
-    at a third of the copy rate). Compiled elsewhere, the partitioner recomputes the dropout (replaying its RNG
-    state) rather than keeping each target's dropped copy and mask: x itself is shared by the projections reading
-    it (q,k,v; gate,up), each dropout's output is its own, and with seven targets those made up 40% of what a Llama
-    decoder layer kept. Eager mode keeps them: there a checkpoint per linear costs ~1 ms of host time, and the
-    fused ops' Python dispatch made an eager H100 step 30% slower (bench/RESULTS.md)."""
+    at a third of the copy rate); targets that read one input share one down-projection kernel (SharedInput).
+    Compiled elsewhere, the partitioner recomputes the dropout (replaying its RNG state) rather than keeping each
+    target's dropped copy and mask: x itself is shared by the projections reading it (q,k,v; gate,up), each
+    dropout's output is its own, and with seven targets those made up 40% of what a Llama decoder layer kept.
+    Eager mode keeps them: there a checkpoint per linear costs ~1 ms of host time, and the fused ops' Python
+    dispatch made an eager H100 step 30% slower (bench/RESULTS.md)."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     if args or kwargs or self.disable_adapters or self.merged or name is None or not _plain(self, name):
@@ -287,13 +288,62 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
     fused = compiled_training and getattr(self, "fused_kernels", True) and fused_lora.usable(x)
     if compiled_training and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
-        if fused:
+        shared = getattr(self, "shared_input", None) if fused else None
+        low = shared[0].low(shared[1], x, name, drop.p) if shared is not None else None
+        if low is None and fused:
             low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
-        else:
+        elif low is None:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
     return (fused_lora.added_up if fused else added_up_by_cublas)(result, low, b, self.scaling[name])
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
+
+
+class SharedInput:
+    """LoRA linears of one module that its forward gives the same input (attention's q, k, v; the MLP's gate, up).
+    In a compiled training forward with the fused kernels, the first of them to run computes the down projections
+    of all in one kernel (x read once, each target's own mask; its backward writes one summed input gradient), and
+    the others take theirs. The input is matched by identity: a model that feeds them different tensors, or
+    adapters of different ranks or dropout, gets one kernel per target as before."""
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.x: torch.Tensor | None = None
+        self.lows: list[torch.Tensor | None] = [None] * len(members)
+
+    def low(self, i: int, x: torch.Tensor, name: str, p: float) -> torch.Tensor | None:
+        """Member i's dropout(x) @ A.T, or None when it must compute it alone."""
+        if self.x is not x or self.lows[i] is None:
+            if not self._shareable(name, p):
+                return None
+            a = torch.cat([m.lora_A[name].weight for m in self.members])
+            low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device, len(self.members)), p)
+            self.x, self.lows = x, list(low.split(a.shape[0] // len(self.members), dim=-1))
+        low, self.lows[i] = self.lows[i], None
+        if all(other is None for other in self.lows):
+            self.x = None  # all taken: hold nothing past this layer
+        return low
+
+    def _shareable(self, name: str, p: float) -> bool:
+        drops = [m.lora_dropout[name] if _plain(m, name) else None for m in self.members]
+        return (all(isinstance(d, nn.Dropout) and d.p == p and d.training for d in drops)
+                and len({m.r[name] for m in self.members}) == 1
+                and all(getattr(m, "fused_kernels", True) and not m.disable_adapters and not m.merged
+                        and m.active_adapters == [name] for m in self.members))
+
+
+def group_shared_inputs(model: nn.Module) -> None:
+    """Give the LoRA linears of each module whose names say they read one input (SHARED_INPUTS) a SharedInput."""
+    for parent in model.modules():
+        for names in SHARED_INPUTS:
+            members = [m for m in (getattr(parent, n, None) for n in names) if type(m) is LoraLinear]
+            if len(members) > 1:
+                group = SharedInput(members)
+                for i, m in enumerate(members):
+                    m.shared_input = (group, i)
 
 
 def added_up_by_cublas(result: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,30 +13,36 @@ from merak_lora import fused_lora
 pytestmark = pytest.mark.triton
 
 
-@pytest.mark.parametrize("m,k,r,p,dtype", [
-    (70, 64, 6, 0.1, torch.float32),     # rows and rank not multiples of a tile
-    (33, 136, 24, 0.5, torch.float32),   # columns past one 128-wide block, a rank over 16
-    (96, 256, 8, 0.25, torch.bfloat16),  # bf16 activations, an fp32 adapter (as in training)
+@pytest.mark.parametrize("m,k,r,p,dtype,targets", [
+    (70, 64, 6, 0.1, torch.float32, 1),     # rows and rank not multiples of a tile
+    (33, 136, 24, 0.5, torch.float32, 1),   # columns past one 128-wide block, a rank over 16
+    (96, 256, 8, 0.25, torch.bfloat16, 1),  # bf16 activations, an fp32 adapter (as in training)
+    (70, 136, 6, 0.25, torch.float32, 3),   # three targets reading one input (q, k, v): one kernel, three masks
+    (96, 256, 8, 0.1, torch.bfloat16, 2),   # two (gate, up) in bf16
 ])
-def test_fused_down_projection_matches_torch_with_the_same_mask(m, k, r, p, dtype):
+def test_fused_down_projection_matches_torch_with_the_same_mask(m, k, r, p, dtype, targets):
     torch.manual_seed(0)
     x = torch.randn(2, m, k).to(dtype).requires_grad_(True)
-    a = torch.randn(r, k, requires_grad=True)
-    seed = fused_lora.new_seed(x.device)
+    a = torch.randn(targets * r, k, requires_grad=True)
+    seed = fused_lora.new_seed(x.device, targets)
     out = fused_lora.dropped_down(x, a, seed, p)
 
-    keep = fused_lora.dropout_mask(seed, (2 * m, k), p, x.device).view(2, m, k)
-    assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    keeps = [fused_lora.dropout_mask(seed[t:t + 1], (2 * m, k), p, x.device).view(2, m, k) for t in range(targets)]
+    for keep in keeps:
+        assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5
+    if targets > 1:  # each target its own mask
+        assert (keeps[0] != keeps[1]).float().mean() > p * (1 - p)
     x_ref = x.detach().clone().requires_grad_(True)
     a_ref = a.detach().clone().requires_grad_(True)
-    ref = (x_ref.float() * keep / (1 - p)) @ a_ref.to(dtype).float().t()
+    ref = torch.cat([(x_ref.float() * keep / (1 - p)) @ a_ref[t * r:(t + 1) * r].to(dtype).float().t()
+                     for t, keep in enumerate(keeps)], dim=-1)
     upstream = torch.randn(out.shape).to(dtype)
     (out.float() * upstream.float()).sum().backward()
     (ref * upstream.float()).sum().backward()
 
     # bf16: one rounding of the result (2**-8 relative) apart from the fp32 reference
     rel = 1e-4 if dtype == torch.float32 else 1e-2
-    assert out.dtype == dtype and out.shape == (2, m, r)
+    assert out.dtype == dtype and out.shape == (2, m, targets * r)
     for got, want in ((out, ref), (x.grad, x_ref.grad), (a.grad, a_ref.grad)):
         torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
 
@@ -183,3 +189,51 @@ def test_a_compiled_stage_trains_without_the_kernels_when_they_disagree(broken, 
     pipe.loss_fn.normalizer = b.targets_count
     assert torch.isfinite(pipe.step(b))
     assert launched == [] and all(p.grad is not None for n, p in stage.model.named_parameters() if "lora_" in n)
+
+
+def test_targets_sharing_an_input_run_one_kernel_and_give_what_each_alone_gives(tiny_llama, monkeypatch):
+    """A compiled Llama stage: q, k, v and gate, up read one input each, so their down projections run as one
+    kernel per group (one launch with three seeds, one with two) forward and backward; o and down alone. A drop
+    probability under the kernels' 2**-17 drops nothing (still the dropout path), so the grouped step must give the
+    loss and every LoRA gradient of the same step with each target on its own."""
+    from family_check import LORA, batch
+    from merak_lora.config import Config
+    from merak_lora.layout import init_distributed
+    from merak_lora.plan import build_stages, make_plan
+    from merak_lora.schedule import Pipeline, TokenLoss
+
+    cfg = Config(model_path=tiny_llama, compile=True, seed=3)
+    plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 1e-9})
+    layout = init_distributed(1, 1, False, "cpu")
+    stage = build_stages(cfg, plan, layout)[0].train()
+    launched = []
+    for name in ("launch_down", "launch_down_backward"):
+        def launch(*args, _real=getattr(fused_lora, name), _name=name, **kw):
+            launched.append((_name, args[3 if _name == "launch_down" else 5].numel()))
+            _real(*args, **kw)
+        monkeypatch.setattr(fused_lora, name, launch)
+    b = batch(tiny_llama, rows=2, seq=16)
+    pipe = Pipeline([stage], layout, "1f1b", 1, TokenLoss(), plan.hidden_size, plan.vocab_size, torch.float32)
+    pipe.loss_fn.normalizer = b.targets_count
+    lora = [p for n, p in stage.model.named_parameters() if "lora_" in n]
+
+    def step():
+        launched.clear()
+        for p in lora:
+            p.grad = None
+        loss = pipe.step(b)
+        return loss, [p.grad.clone() for p in lora]
+
+    torch._dynamo.reset()
+    grouped_loss, grouped = step()
+    layers = len(stage.layers())
+    for kernel in ("launch_down", "launch_down_backward"):
+        assert sorted(t for k, t in launched if k == kernel) == [1] * 2 * layers + [2] * layers + [3] * layers
+    for mod in stage.model.modules():
+        mod.__dict__.pop("shared_input", None)
+    alone_loss, alone = step()
+    assert sorted({t for _, t in launched}) == [1]
+    torch.testing.assert_close(grouped_loss, alone_loss, rtol=1e-6, atol=0)
+    for g, want in zip(grouped, alone):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
