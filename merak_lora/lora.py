@@ -288,11 +288,12 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
     fused = compiled_training and getattr(self, "fused_kernels", True) and fused_lora.usable(x)
     if compiled_training and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
-        shared = getattr(self, "shared_input", None) if fused else None
-        low = shared[0].low(shared[1], x, name, drop.p) if shared is not None else None
-        if low is None and fused:
-            low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
-        elif low is None:
+        if fused:
+            shared = getattr(self, "shared_input", None)
+            low = shared[0].low(shared[1], x, name, drop.p) if shared is not None else None
+            if low is None:
+                low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
+        else:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
