@@ -97,7 +97,7 @@ def main() -> None:
 
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.generate import Sampling, left_pad
-    from merak_lora.layout import env_ranks
+    from merak_lora.entry import env_ranks
     from merak_lora.lora import merge_for_generation
 
     rank, world, _ = env_ranks()

@@ -14,13 +14,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, TARGETS, markdown_table, report, write_random_model  # noqa: E402
+from bench.common import RESULTS, TARGETS, bench_folder, markdown_table, report, write_random_model  # noqa: E402
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv", "dualpipev"]
 
@@ -87,11 +86,12 @@ def main() -> None:
     from merak_lora.config import SPLIT_BACKWARD_SCHEDULES, Config
     from merak_lora.data import Batch
     from merak_lora.finetune import build_stages, make_plan
-    from merak_lora.layout import env_ranks, init_distributed
+    from merak_lora.entry import env_ranks
+    from merak_lora.layout import init_distributed
     from merak_lora.schedule import Pipeline, TokenLoss
 
     rank, world, _ = env_ranks()
-    folder = os.path.join(tempfile.gettempdir(), "merak-bench", a.arch)
+    folder = bench_folder(a.arch, weights=False)
     if rank == 0:
         write_random_model(folder, a.arch, weights=False)
     lora = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS}

@@ -7,7 +7,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone, no install
 
-from merak_lora.chat import main  # noqa: E402
+from merak_lora.config import NOT_APPLICABLE_HERE, GenConfig  # noqa: E402
+from merak_lora.entry import answer_early  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = answer_early(sys.argv[1:], "[python -m merak_lora.launch ...] launch/gen_text.py --model_path DIR "
+                        "[--resume_peft_from_checkpoint CKPT] ...", GenConfig, NOT_APPLICABLE_HERE)
+    if code is None:
+        from merak_lora.chat import main
+        code = main()
+    sys.exit(code)

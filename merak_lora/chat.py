@@ -13,47 +13,18 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 
-from .config import NOT_APPLICABLE, Config, ConfigError, _help, help_text, parse_args
-from .generate import Adapter, LocalGenerator, PipelineGenerator, Sampling
+from .config import NOT_APPLICABLE_HERE, ConfigError, GenConfig, parse_args
+from .entry import env_ranks
+from .generate import Adapter, LocalGenerator, PipelineGenerator
 from .templates import Formatter
 
 log = logging.getLogger("merak_lora")
-# Merak's gen_text.py flags: reported once, as every flag without an effect is
-NOT_APPLICABLE_HERE = {**NOT_APPLICABLE, "return_logits": "answers are decoded to text; no logits are returned",
-                       "text_generation": "launch/gen_text.py always generates text"}
-
-
-@dataclass
-class GenConfig(Config):
-    """The fine-tuning flags (so gen.sh can reuse run.sh's) plus the generation ones."""
-
-    prompt: str = _help("Answer this one prompt and exit (no chat).", default="")
-    prompts: str = _help("Answer a file of prompts (one per line, or JSON lines with prompt/instruction/text) in "
-                         "batches, into --output_file.", default="")
-    output_file: str = _help("Where --prompts answers go as JSON lines; default: <output_dir>/generations.jsonl.",
-                             default="")
-    max_new_tokens: int = _help("Longest answer, in tokens.", default=256)
-    temperature: float = _help("0 decodes greedily; above 0 samples (with --seed).", default=0.0)
-    top_k: int = _help("Sample from the k likeliest tokens; 0: all.", default=0)
-    top_p: float = _help("Sample from the smallest set of tokens of this total probability; 1: all.", default=1.0)
-    repetition_penalty: float = _help("Above 1 makes tokens already in the text less likely.", default=1.0)
-    stop: list = _help("End an answer at any of these strings (--stop A B ...).", default=None)
-    gen_batch_size: int = _help("Prompts of a --prompts file decoded together (at least the stage count keeps "
-                                "every stage busy).", default=8)
-    compare_base: bool = _help("Show the base model's answer beside the fine-tuned one (the adapter then stays "
-                               "apart from the base weights instead of merged).", default=False)
-    adapter_path: str = _help("An exported PEFT adapter folder to answer with (one process).", default="")
-    adapter_names: str = _help("A checkpoint of several adapters: answer with these (a,b), not all.", default="")
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                        self.seed, list(self.stop or []))
 
 
 def read_prompts(path: str) -> list[str]:
@@ -227,7 +198,6 @@ def build_generator(cfg: GenConfig):
     from transformers import AutoTokenizer
 
     from .checkpoint import read_meta, resolve
-    from .layout import env_ranks
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path or cfg.weights_path,
                                               trust_remote_code=cfg.trust_remote_code)
@@ -361,7 +331,6 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
 
 def run(cfg: GenConfig, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> None:
     from .metrics import setup_logging
-    from .layout import env_ranks
 
     rank = env_ranks()[0]
     setup_logging(rank)
@@ -386,11 +355,6 @@ def run(cfg: GenConfig, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print("usage: [python -m merak_lora.launch ...] launch/gen_text.py --model_path DIR "
-              "[--resume_peft_from_checkpoint CKPT] ...\n\n" + help_text(GenConfig))
-        return 0
-    from .layout import env_ranks
     rank = env_ranks()[0]
     try:
         cfg: Any = parse_args(argv, config_cls=GenConfig, warn=lambda m: rank == 0 and print(m, file=sys.stderr),

@@ -11,7 +11,10 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+if TYPE_CHECKING:
+    from .generate import Sampling
 
 
 class ConfigError(ValueError):
@@ -177,6 +180,39 @@ NOT_APPLICABLE = {
     "input_names": "the first stage always receives the token ids (and, with --packing, their positions); each "
                    "model builds its own attention mask",
 }
+# Merak's gen_text.py flags: reported once, as every flag without an effect is
+NOT_APPLICABLE_HERE = {**NOT_APPLICABLE, "return_logits": "answers are decoded to text; no logits are returned",
+                       "text_generation": "launch/gen_text.py always generates text"}
+
+
+@dataclass
+class GenConfig(Config):
+    """The fine-tuning flags (so gen.sh can reuse run.sh's) plus the generation ones."""
+
+    prompt: str = _help("Answer this one prompt and exit (no chat).", default="")
+    prompts: str = _help("Answer a file of prompts (one per line, or JSON lines with prompt/instruction/text) in "
+                         "batches, into --output_file.", default="")
+    output_file: str = _help("Where --prompts answers go as JSON lines; default: <output_dir>/generations.jsonl.",
+                             default="")
+    max_new_tokens: int = _help("Longest answer, in tokens.", default=256)
+    temperature: float = _help("0 decodes greedily; above 0 samples (with --seed).", default=0.0)
+    top_k: int = _help("Sample from the k likeliest tokens; 0: all.", default=0)
+    top_p: float = _help("Sample from the smallest set of tokens of this total probability; 1: all.", default=1.0)
+    repetition_penalty: float = _help("Above 1 makes tokens already in the text less likely.", default=1.0)
+    stop: list = _help("End an answer at any of these strings (--stop A B ...).", default=None)
+    gen_batch_size: int = _help("Prompts of a --prompts file decoded together (at least the stage count keeps "
+                                "every stage busy).", default=8)
+    compare_base: bool = _help("Show the base model's answer beside the fine-tuned one (the adapter then stays "
+                               "apart from the base weights instead of merged).", default=False)
+    adapter_path: str = _help("An exported PEFT adapter folder to answer with (one process).", default="")
+    adapter_names: str = _help("A checkpoint of several adapters: answer with these (a,b), not all.", default="")
+
+    def sampling(self) -> "Sampling":
+        from .generate import Sampling  # torch and transformers: kept out of this module, which the entry reads
+        return Sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                        self.seed, list(self.stop or []))
+
+
 # Passed by launchers rather than users (torch.distributed.launch's --local_rank): the rank comes from the
 # environment, so these are taken without a word.
 FROM_LAUNCHERS = {"local_rank", "local-rank"}
@@ -302,13 +338,10 @@ def help_text(config_cls: type = Config) -> str:
     return "\n".join(lines)
 
 
-def lr_scheduler_names() -> list[str]:
-    from transformers.trainer_utils import SchedulerType
-    return [t.value for t in SchedulerType]
-
-
 def validate(cfg: Config, world_size: int) -> None:
-    """Checks that need only the flags and the world size; model-dependent checks live in preflight."""
+    """Checks that need only the flags and the world size, and nothing but the standard library: the entry
+    scripts run them before torch is imported (entry.py). The schedule's name is checked with transformers'
+    list in progress.schedule_factor; model-dependent checks live in checks.py."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
@@ -334,9 +367,6 @@ def validate(cfg: Config, world_size: int) -> None:
     need(cfg.warmup_steps >= 0, "--warmup_steps must be >= 0")
     need(cfg.dist_timeout > 0, "--dist_timeout must be a positive number of seconds")
     need(cfg.max_skipped_steps >= 0, "--max_skipped_steps must be >= 0")
-    schedulers = lr_scheduler_names()
-    need(cfg.lr_scheduler_type in schedulers,
-         f"--lr_scheduler_type {cfg.lr_scheduler_type!r} is not one of {', '.join(schedulers)}")
     cfg.scheduler_kwargs()
     need(cfg.pipeline_schedule in SCHEDULES,
          f"--pipeline_schedule {cfg.pipeline_schedule!r} is not one of {', '.join(SCHEDULES)}")

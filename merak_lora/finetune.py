@@ -24,11 +24,12 @@ from .adapters import adapter_specs
 from .checkpoint import CheckpointError, TrainState, config_hash, gather_adapter, read_latest, restore, versions
 from .checks import (check_batch, check_data_files, check_fits, check_shared, checked_quantization,
                      checked_resume, clear_previous_run, previous_run)
-from .config import Config, ConfigError, help_text, parse_args, validate
+from .config import Config, ConfigError, parse_args, validate
 from .coordinate import Coordinator, PeerFailed
 from .data import dataset
 from .feed import StepFeed
-from .layout import env_ranks, init_distributed, pick_device, stages_of_rank
+from .entry import env_ranks
+from .layout import init_distributed, pick_device, stages_of_rank
 from .lora import adapter_params, read_lora_config
 from .export import peft_config, write_adapter
 from .metrics import Metrics, add_log_file, peak_tflops, setup_logging
@@ -245,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     75 stopped by a signal after a checkpoint (requeued under Slurm for preemption), 130 interrupted before
     training started, 1 this rank failed."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print("usage: python -m merak_lora.launch ... launch/finetune.py --flag value ...\n\n" + help_text())
-        return 0
     rank, world, _ = env_ranks()
     setup_logging(rank)
     cfg = None

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .coordinate import Coordinator
+from .entry import env_ranks
 
 
 @dataclass
@@ -68,16 +69,6 @@ def rank_of_stage(stage: int, pp: int, v_shape: bool) -> int:
     if v_shape and stage >= pp:
         return 2 * pp - 1 - stage
     return stage % pp
-
-
-def env_ranks() -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's variables, else Slurm's, else a single process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

@@ -72,9 +72,12 @@ class LearningRate:
 
 def schedule_factor(cfg: Config, total_steps: int):
     """transformers' own schedule function for --lr_scheduler_type (a ConfigError names what is wrong)."""
-    from transformers import get_scheduler
+    from transformers import SchedulerType, get_scheduler
 
     name = cfg.lr_scheduler_type
+    known = [t.value for t in SchedulerType]
+    if name not in known:
+        raise ConfigError(f"--lr_scheduler_type {name!r} is not one of {', '.join(known)}")
     if name in UNSUPPORTED_SCHEDULERS:
         raise ConfigError(f"--lr_scheduler_type {name} is not supported: {UNSUPPORTED_SCHEDULERS[name]}")
     warmup = warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
