@@ -25,7 +25,7 @@ from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogit
 
 from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, cache_length, static_decoding
 from .layout import Layout, rank_of_stage
-from .lora import AdapterSwitch
+from .lora import AdapterSwitch, adapters_off
 from .stage import Stage
 
 TokenCallback = Callable[[list[int], list[bool]], None]
@@ -124,8 +124,7 @@ def adapter_used(models: list[torch.nn.Module], switches: list[AdapterSwitch], a
     with contextlib.ExitStack() as stack:
         if adapter is False:
             for m in models:
-                if hasattr(m, "disable_adapter"):
-                    stack.enter_context(m.disable_adapter())
+                stack.enter_context(adapters_off(m))
         elif isinstance(adapter, str):
             for switch in switches:
                 stack.enter_context(switch.selected(adapter))

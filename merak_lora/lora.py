@@ -208,6 +208,22 @@ def apply_adapters(lm: nn.Module, adapters: list[tuple[str, LoraConfig, int]]) -
     return model
 
 
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The model runs as its base while inside: each LoRA layer's switch flipped off, then back. PEFT's
+    disable_adapter() does the same, but switching back marks the adapter trainable and turns the active
+    adapter's name into a list; a compiled decoding step guards on both and would compile again each time."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer._disable_adapters = was
+
+
 class AdapterSwitch:
     """Which of a stage's adapters runs, chosen per microbatch, and each adapter's own dropout stream.
 

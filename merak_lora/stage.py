@@ -49,11 +49,12 @@ class StageSpec:
 
 
 class StageOutput(Exception):
-    """Raised after the stage's last layer to leave the model's forward early with the hidden state."""
+    """Raised after the stage's last layer to leave the model's forward early with the hidden state (its one
+    argument: no __init__ of its own, which torch.compile cannot trace inside a compiled decoding step)."""
 
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0]
 
 
 class PassThrough(nn.Module):

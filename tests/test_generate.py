@@ -209,29 +209,37 @@ def test_static_cache_decodes_like_the_growing_cache(tiny_llama, memorised):
 
 
 def _answers_compiled(model: str, ckpt: str, prompts: list[list[int]], samplings: list[dict]):
-    """Each sampling's answers with the adapter and without, from a generator that compiles its one-token step."""
+    """Each sampling's answers with the adapter and without, from a generator that compiles its one-token step,
+    and how many graphs this rank compiled."""
+    from torch._dynamo.utils import counters
+
     from merak_lora.chat import GenConfig, build_generator
     gen, _, layout = build_generator(GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, device="cpu",
                                                compare_base=True, compile=True))
+    graphs = counters["stats"]["unique_graphs"]
     if layout.rank != 0:
         gen.serve()
-        return None
+        return None, counters["stats"]["unique_graphs"] - graphs
     assert gen.compiled and gen.in_flight
     out = [gen.generate(prompts, GenConfig(max_new_tokens=16, **s).sampling(), adapter=a)
            for s in samplings for a in (True, False)]
     gen.close()
-    return out
+    return out, counters["stats"]["unique_graphs"] - graphs
 
 
 def test_compiled_step_decodes_like_the_eager_step(tiny_llama, memorised):
-    """--compile true compiles each stage's one-token step as a whole: on two stages with groups in flight, with
-    the adapter and without, greedy and sampled, the tokens of one process that does not compile."""
+    """--compile true compiles each stage's one-token step as a whole, once per adapter setting: on two stages
+    with groups in flight, with the adapter and without, greedy and sampled, the tokens of one process that does
+    not compile."""
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.checkpoint import read_meta
     ckpt, _ = memorised
     prompts = _ids(tiny_llama)
     samplings = [{}, dict(temperature=0.8, top_k=20, seed=3)]
-    compiled = run_ranks(_answers_compiled, 2, tiny_llama, ckpt, prompts, samplings)[0]
+    (compiled, graphs), (_, graphs_last) = run_ranks(_answers_compiled, 2, tiny_llama, ckpt, prompts, samplings)
+    # each stage's step compiled whole (the first stage's early exit traced, not a graph break that compiles
+    # layer by layer), once with the adapter and once without: switching back compiles nothing again
+    assert graphs == graphs_last == 2
     cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, device="cpu", compare_base=True)
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
     assert not gen.compiled
