@@ -125,11 +125,16 @@ def write_random_model(folder: str, arch: str, shard_bytes: int = 4 * 2**30, wei
     return folder
 
 
-def bench_model(arch: str, model_dir: str = "", **kwargs) -> str:
+def bench_model(arch: str, model_dir: str = "", weights: bool = True) -> str:
     """`model_dir` if given, else the random-weight model of `arch` in the temp folder the benchmarks share (written
-    once, reused by every script after)."""
+    once, reused by every script after). A folder without weights (for runs with --random_weights) has its own
+    name, so a script that needs weights never finds it first."""
+    return model_dir or write_random_model(bench_folder(arch, weights), arch, weights=weights)
+
+
+def bench_folder(arch: str, weights: bool = True) -> str:
     import tempfile
-    return model_dir or write_random_model(os.path.join(tempfile.gettempdir(), "merak-bench", arch), arch, **kwargs)
+    return os.path.join(tempfile.gettempdir(), "merak-bench", arch if weights else f"{arch}-no-weights")
 
 
 def long_records(path: str, n: int, words: int = 1400) -> str:

@@ -41,8 +41,7 @@ def main() -> None:
         print("RESULT " + __import__("json").dumps(out), flush=True)
         return
     big = a.arch == "llama3-70b"
-    model_dir = bench_model(a.arch,
-                                   weights=not big)
+    model_dir = bench_model(a.arch, weights=not big)
     rows = []
     for kind in (["4bit"] if a.only4bit else ["16bit", "4bit"]):
         r = run_worker(__file__, ["--worker", kind, "--arch", a.arch, "--model_dir", model_dir, "--seq",

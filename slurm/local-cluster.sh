@@ -55,6 +55,9 @@ MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides
 JobRequeue=1
+# A requeued job becomes eligible once its begin time passes, which no event announces: the scheduler loops find it
+# (defaults 60 s and 30 s), so they run every few seconds here
+SchedulerParameters=sched_interval=2,bf_interval=1
 KillWait=30
 InactiveLimit=0
 MinJobAge=600

@@ -36,3 +36,21 @@ def triton_interpreter(request, monkeypatch):
     """Tests marked `triton` run the fused kernels (merak_lora.fused_lora.usable reads the flag at each call)."""
     if request.node.get_closest_marker("triton") is not None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def run_sh_trained(tiny_llama, tmp_path_factory) -> tuple:
+    """Two steps trained by slurm/run.sh into a folder named with quotes, `$HOME` and `$(touch pwned)`: one launch
+    that test_faults checks for quoting and the chat tests of test_launch answer from. Returns the folder the
+    launch ran in, the output folder and the finished process."""
+    import subprocess
+    cwd = tmp_path_factory.mktemp("run_sh")
+    out = cwd / "out dir" / "it's \"$HOME\" $(touch pwned)"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "run.sh"), "--model_path", tiny_llama, "--data_path",
+                           SAMPLE, "--lora_config", LORA_CONFIG, "--output_dir", str(out), "--max_steps", "2",
+                           "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+                           "--gradient_accumulation_steps", "2", "--seq_length", "64", "--learning_rate", "5e-3",
+                           "--disable_tqdm", "true", "--report_to", "none", "--device", "cpu", "--seed", "5"],
+                          capture_output=True, text=True, timeout=300, cwd=str(cwd),
+                          env={**os.environ, "PYTHON": sys.executable, "CPU_RANKS_PER_NODE": "2"})
+    return cwd, out, proc

@@ -130,19 +130,16 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("inherited", ["default", "ignored"])
-def test_ctrl_c_at_the_chat_prompt_ends_quietly(inherited, tiny_llama, tmp_path):
+def test_ctrl_c_at_the_chat_prompt_ends_quietly(inherited, tiny_llama, run_sh_trained, tmp_path):
     """ignored: gen.sh started with SIGINT ignored (a script's background job), which its processes inherit; the
-    launcher still passes Ctrl-C on, and the ranks must act on it."""
-    out = str(tmp_path / "out")
-    trained = subprocess.run(["bash", os.path.join(ROOT, "slurm", "run.sh"),
-                              *flags(tiny_llama, out, "--max_steps", "2", "--pp", "2")],
-                             capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=ENV)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    launcher still passes Ctrl-C on, and the ranks must act on it. The adapter: conftest's run.sh training."""
+    _, trained, proc = run_sh_trained
+    assert proc.returncode == 0, proc.stderr[-3000:]
     before = signal.signal(signal.SIGINT, signal.SIG_IGN if inherited == "ignored" else signal.default_int_handler)
     try:
         chat = Running(["bash", os.path.join(ROOT, "slurm", "gen.sh"), "--model_path", tiny_llama, "--output_dir",
-                        out, "--resume_peft_from_checkpoint", "latest", "--max_new_tokens", "8"], str(tmp_path),
-                       stdin=subprocess.PIPE)
+                        str(trained), "--resume_peft_from_checkpoint", "latest", "--max_new_tokens", "8"],
+                       str(tmp_path), stdin=subprocess.PIPE)
     finally:
         signal.signal(signal.SIGINT, before)
     chat.proc.stdin.write("你是谁？\n")

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -52,12 +53,25 @@ def stage_folders(out: str, step: int) -> list[str]:
     return sorted(os.listdir(os.path.join(out, f"checkpoint-{step}")))
 
 
+@pytest.fixture(scope="module")
+def trained_under(cluster, tiny_llama, tmp_path_factory):
+    """run.sh under a launcher in a task shape, trained once per shape: gen.sh answers from the srun -N2 -n2 run."""
+    runs: dict[tuple, tuple[subprocess.CompletedProcess, str]] = {}
+
+    def train(launcher: str, tasks: int, pp: int) -> tuple[subprocess.CompletedProcess, str]:
+        if (launcher, tasks, pp) not in runs:
+            out = str(tmp_path_factory.mktemp(f"{launcher}-{tasks}") / "out")
+            runs[launcher, tasks, pp] = run([launcher, "-N2", f"-n{tasks}", "--kill-on-bad-exit=1", "bash",
+                                             "slurm/run.sh", *flags(tiny_llama, out, "--pp", str(pp))],
+                                            CPU_RANKS_PER_NODE="1"), out
+        return runs[launcher, tasks, pp]
+    return train
+
+
 @pytest.mark.parametrize("launcher,tasks,pp", [("srun", 2, 2), ("srun", 4, 4), ("yhrun", 2, 2)])
-def test_run_sh_trains_across_two_nodes(cluster, tiny_llama, tmp_path, launcher, tasks, pp):
+def test_run_sh_trains_across_two_nodes(trained_under, launcher, tasks, pp):
     """-N2 -n2: one task per node, run.sh starts torchrun there; -N2 -n4: one task per rank."""
-    out = str(tmp_path / "out")
-    proc = run([launcher, "-N2", f"-n{tasks}", "--kill-on-bad-exit=1", "bash", "slurm/run.sh",
-                *flags(tiny_llama, out, "--pp", str(pp))], CPU_RANKS_PER_NODE="1")
+    proc, out = trained_under(launcher, tasks, pp)
     assert "step 4/4 | loss" in proc.stdout
     meta = read_meta(os.path.join(out, "checkpoint-4"))
     assert (meta["pp"], meta["dp"]) == (pp, 1)
@@ -66,9 +80,8 @@ def test_run_sh_trains_across_two_nodes(cluster, tiny_llama, tmp_path, launcher,
     assert f"{pp} ranks: 1 pipeline replica(s) x {pp} ranks" in log0
 
 
-def test_gen_sh_answers_under_srun(cluster, tiny_llama, tmp_path):
-    out = str(tmp_path / "out")
-    run(["srun", "-N2", "-n2", "bash", "slurm/run.sh", *flags(tiny_llama, out, "--pp", "2")], CPU_RANKS_PER_NODE="1")
+def test_gen_sh_answers_under_srun(trained_under, tiny_llama):
+    _, out = trained_under("srun", 2, 2)
     proc = run(["srun", "-N2", "-n2", "bash", "slurm/gen.sh", "--model_path", tiny_llama, "--output_dir", out,
                 "--resume_peft_from_checkpoint", "latest", "--prompt", "你是谁？", "--compare_base", "true",
                 "--max_new_tokens", "8"], CPU_RANKS_PER_NODE="1")
@@ -99,14 +112,17 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_adapter(cluster
     # the signal is sent at step 11 and has ~290 steps (seconds, even on a loaded machine) to arrive before the end
     steps = ["--max_steps", "300", "--save_steps", "10", "--gradient_accumulation_steps", "2",
              "--per_device_train_batch_size", "1"]
-    clean = str(tmp_path / "clean")
-    assert run_ranks(_train, 2, flags(tiny_llama, clean, "--pp", "2", *steps)) == [0, 0]
-
     out = str(tmp_path / "preempted")
     proc = run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job-%j.out",
                 "slurm/train.sbatch", *flags(tiny_llama, out, "--pp", "2", *steps)], CPU_RANKS_PER_NODE="1",
                MERAK_ROOT=ROOT)
     job = proc.stdout.strip().split(";")[0]
+    # the uninterrupted reference trains meanwhile: the job spends much of its time waiting (for its start, for
+    # the requeue's delay) and its two pipeline stages keep the cores only half busy
+    clean = str(tmp_path / "clean")
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(run_ranks, _train, 2, flags(tiny_llama, clean, "--pp", "2", *steps))
+    pool.shutdown(wait=False)
     deadline = time.time() + 300
     metrics = os.path.join(out, "metrics.jsonl")
     while not (os.path.exists(metrics) and any(json.loads(l)["step"] >= 11 for l in open(metrics))):
@@ -115,12 +131,13 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_adapter(cluster
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     while _job_state(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.time() < deadline + 300, f"the requeued job did not finish: {_job_state(job)}"
-        time.sleep(1)
+        time.sleep(0.2)
     state = _job_state(job)
     log = open(os.path.join(tmp_path, f"job-{job}.out")).read()
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) >= 1, (state, log[-3000:])
     assert "stopped by a preemption signal after step" in log and "resuming from the latest checkpoint" in log
     assert read_latest(out).endswith("checkpoint-300")
+    assert reference.result() == [0, 0]
     a = load_adapter_tensors(os.path.join(out, "checkpoint-300"), read_meta(os.path.join(out, "checkpoint-300")))
     b = load_adapter_tensors(os.path.join(clean, "checkpoint-300"), read_meta(os.path.join(clean, "checkpoint-300")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
