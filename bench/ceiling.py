@@ -9,7 +9,8 @@ gradient. LoRA, norms, rotary, activations and the loss are left out: they are w
     python bench/ceiling.py --arch tiny --seq 64 --microbatch 1 --results -     # CPU: only checks it runs
 
 FP8: the same linears through torch._scaled_mm with row-wise scales (e4m3 activations and weights forward, e5m2
-gradients backward, where this torch takes e5m2; else e4m3), the rest in bf16.
+gradients backward, where this torch takes e5m2; else e4m3) and cuBLAS's fast accumulation, as `--fp8 true` runs
+them; the rest in bf16.
 """
 
 from __future__ import annotations
@@ -75,15 +76,16 @@ def fp8_linear_ms(tokens: int, out: int, inp: int) -> tuple[float, str]:
     w = torch.randn(out, inp, device="cuda").to(e4)              # rows of W: forward's column-major b = w.t()
     wt = torch.randn(inp, out, device="cuda").to(e4)             # W^T quantized along `out` for the backward
     ones = lambda n, m: torch.ones(n, m, device="cuda")  # noqa: E731
-    fwd = _median_ms(lambda: torch._scaled_mm(x, w.t(), ones(tokens, 1), ones(1, out), out_dtype=torch.bfloat16))
+    fwd = _median_ms(lambda: torch._scaled_mm(x, w.t(), ones(tokens, 1), ones(1, out), out_dtype=torch.bfloat16,
+                                              use_fast_accum=True))
     for fmt in (torch.float8_e5m2, e4):
         dy = torch.randn(tokens, out, device="cuda").to(fmt)
         try:
-            torch._scaled_mm(dy, wt.t(), ones(tokens, 1), ones(1, inp), out_dtype=torch.bfloat16)
+            torch._scaled_mm(dy, wt.t(), ones(tokens, 1), ones(1, inp), out_dtype=torch.bfloat16, use_fast_accum=True)
         except RuntimeError:
             continue
         bwd = _median_ms(lambda: torch._scaled_mm(dy, wt.t(), ones(tokens, 1), ones(1, inp),
-                                                  out_dtype=torch.bfloat16))
+                                                  out_dtype=torch.bfloat16, use_fast_accum=True))
         return fwd + bwd, "e5m2" if fmt is torch.float8_e5m2 else "e4m3"
     raise RuntimeError("torch._scaled_mm takes neither e5m2 nor e4m3 gradients with row-wise scales here")
 

@@ -40,9 +40,11 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
 }
 # The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
 # cuBLAS's addmm), without its up projection alone, or with one down-projection kernel per target where targets
-# share an input (q,k,v; gate,up): each kernel's gain in one call.
+# share an input (q,k,v; gate,up), and the FP8 runs with cuBLAS's exact accumulation: each one's gain in one call.
 VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
                  for without in ("compiler_dropout", "addmm_up", "per_target")})
+VARIANTS.update({f"{name}_exact_accum": VARIANTS[name] for name in VARIANTS if name.startswith("ours_fp8_mb")
+                 and name.count("_") == 2})
 
 
 def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int, liger: bool = False) -> dict:
@@ -96,6 +98,9 @@ def worker(args) -> None:
         elif args.worker.endswith("_per_target"):
             from merak_lora import stage
             stage.group_shared_inputs = lambda model: None
+        elif args.worker.endswith("_exact_accum"):
+            from merak_lora import fp8
+            fp8.FAST_ACCUM = False
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)
