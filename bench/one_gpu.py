@@ -37,14 +37,17 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
     "ours_fp8_mb2": ("ours", False, 2, ["--compile", "true", "--fp8", "true"]),
     "ours_fp8_mb3": ("ours", False, 3, ["--compile", "true", "--fp8", "true"]),
     "ours_fp8_mb4": ("ours", False, 4, ["--compile", "true", "--fp8", "true"]),
+    "ours_fp8_mb5": ("ours", False, 5, ["--compile", "true", "--fp8", "true"]),
 }
 # The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
 # cuBLAS's addmm), without its up projection alone, or with one down-projection kernel per target where targets
-# share an input (q,k,v; gate,up), and the FP8 runs with cuBLAS's exact accumulation: each one's gain in one call.
+# share an input (q,k,v; gate,up); the FP8 runs with cuBLAS's exact accumulation, or with the compiler's
+# partitioner recomputing all it may but merak-lora's kernels (less memory, for larger microbatches): each one's
+# gain in one call.
 VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
                  for without in ("compiler_dropout", "addmm_up", "per_target")})
-VARIANTS.update({f"{name}_exact_accum": VARIANTS[name] for name in VARIANTS if name.startswith("ours_fp8_mb")
-                 and name.count("_") == 2})
+VARIANTS.update({f"{name}_{how}": VARIANTS[name] for name in VARIANTS if name.startswith("ours_fp8_mb")
+                 and name.count("_") == 2 for how in ("exact_accum", "recompute")})
 
 
 def plain_loop(model_dir: str, seq: int, mb: int, gc: bool, steps: int, warmup: int, liger: bool = False) -> dict:
@@ -101,6 +104,10 @@ def worker(args) -> None:
         elif args.worker.endswith("_exact_accum"):
             from merak_lora import fp8
             fp8.FAST_ACCUM = False
+        elif args.worker.endswith("_recompute"):
+            import torch._functorch.config as partitioner
+            partitioner.aggressive_recomputation = True
+            partitioner.is_non_builtin_to_include = True
         out = run_ours(args.model_dir, args.seq, mb, gc, max(2, args.steps), args.warmup,
                        extra + args.ours_flags.split())
     print("RESULT " + json.dumps(out), flush=True)
