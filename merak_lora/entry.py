@@ -32,7 +32,7 @@ def answer_early(argv: list[str], usage: str, config_cls: type = Config,
         return 0
     try:
         cfg = parse_args(argv, config_cls=config_cls, warn=lambda m: None, not_applicable=not_applicable)
-        if config_cls is Config:
+        if config_cls is Config and not cfg.list_target_modules:  # listing needs only --model_path
             for spec in adapter_specs(cfg):
                 validate(spec.cfg, world)
     except ConfigError as e:

@@ -55,14 +55,18 @@ def test_unknown_target_lists_the_model_names(family_dir):
 
 
 def test_list_target_modules_from_the_config_alone(family_dir, tmp_path, capsys):
-    """Only config.json is needed (the model is built on the meta device)."""
+    """Only config.json is needed (the model is built on the meta device), and no other flag: the entrypoint's
+    early checks let it through to the listing."""
     import shutil
 
+    from merak_lora.entry import answer_early
     from merak_lora.finetune import main
     folder = tmp_path / "config_only"
     folder.mkdir()
     shutil.copy(f"{family_dir('deepseek_v2')}/config.json", folder)
-    assert main(["--model_path", str(folder), "--list_target_modules", "true"]) == 0
+    argv = ["--model_path", str(folder), "--list_target_modules", "true"]
+    assert answer_early(argv, "launch/finetune.py") is None
+    assert main(argv) == 0
     out = capsys.readouterr().out
     for name in ("kv_a_proj_with_mqa", "kv_b_proj", "q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert name in out
