@@ -27,7 +27,7 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 BLOCK = 128          # the tile of the block-scaled checkpoints published so far
 ALIGN = 16           # _scaled_mm wants every dimension a multiple of 16
 # cuBLAS's fast FP8 accumulation (partial sums stay in the tensor cores' accumulator instead of being promoted to
-# fp32 every few K blocks), both ways: the step 1.05x on an H100 with the same losses (bench/RESULTS.md)
+# fp32 every few K blocks), both ways: the step 1.05-1.07x on an H100 with the same losses (bench/RESULTS.md)
 FAST_ACCUM = True
 
 
