@@ -65,7 +65,10 @@ def started(request, workdir):
     """The selected tests' runs, two at a time from the module's start: most keep one core busy (a script, then its
     workers one after another) or leave cores idle between launches, and the machine may have only two."""
     from bench.common import bench_model
-    bench_model("tiny")  # the random model the scripts share, written here once, not by two of them at a time
+    # the random models the scripts share, written here once, not by two of them at a time: with weights, and
+    # without (seventy_b.py and pipeline_scaling.py, which may run side by side)
+    bench_model("tiny")
+    bench_model("tiny", weights=False)
     selected = {item.name for item in request.session.items if item.module is request.module}
     # the environment as the module starts: a test marked `triton` sets TRITON_INTERPRET while it runs, and a run
     # starting meanwhile must not take it
