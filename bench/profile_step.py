@@ -1,11 +1,16 @@
 """Where a training step's time goes: the top GPU kernels of one step of merak-lora (pp=1) and of the plain
 transformers + PEFT loop, from torch.profiler. For deciding what to optimise, not for RESULTS.md.
 
-    python bench/profile_step.py --arch llama3-8b --seq 2048 [--which ours|plain|both] [--top 25]
+    python bench/profile_step.py --arch llama3-8b --seq 2048 [--which ours|plain|both|trainer] [--top 25]
         [--microbatch 3 --compile true --fp8 true]
 
+`ours` is one microbatch's forward and backward through the stage; `trainer` one whole optimizer step of the
+real entrypoint (four microbatches accumulated, the gradient norm, the optimizer, the step's syncs: the host's
+share that one microbatch alone does not show), random weights drawn on the GPU.
+
 After the kernel table, the GPU time of the step by kind of kernel: matrix products (cuBLAS/CUTLASS), flash
-attention, Triton kernels (what torch.compile fused), other elementwise kernels, the rest.
+attention, Triton kernels (what torch.compile fused), other elementwise kernels, the rest; then where the GPU
+waits for the host between kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import TARGETS, bench_model  # noqa: E402
+from bench.common import TARGETS, bench_model, run_ours  # noqa: E402
 
 
 def profile(step, top: int, label: str) -> None:
@@ -49,7 +54,35 @@ def profile(step, top: int, label: str) -> None:
         busy = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA") / 1e3
         wall = 1e3 * sorted(walls)[1]
         print(f"kernels {busy:.1f} ms of a {wall:.1f} ms step (median of 3, unprofiled): the GPU idles "
-              f"{max(0.0, 1 - busy / wall):.0%} of it (host-bound where large)")
+              f"{max(0.0, 1 - busy / wall):.0%} of it (host-bound where large); peak "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(idle(prof, top))
+
+
+def idle(prof, top: int) -> str:
+    """Where the GPU waits for the host in the profiled step: the gaps between one kernel's end and the next one's
+    start, summed by the pair of kernels around them, and the idle time in each tenth of the step."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:48]) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    if not spans:
+        return ""
+    first, last = spans[0][0], max(end for _, end, _ in spans)
+    tenths = [0.0] * 10
+    pairs: dict[tuple[str, str], list[float]] = {}
+    reach, before = spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        gap = start - reach
+        if gap > 0:
+            tenths[min(9, int(10 * (reach - first) / max(last - first, 1e-9)))] += gap
+            pairs.setdefault((before, name), []).append(gap)
+        if end > reach:
+            reach, before = end, name
+    lines = [f"idle between kernels {sum(tenths) / 1e3:.1f} ms of {(last - first) / 1e3:.1f} ms; by tenth of the "
+             f"step (ms): " + " ".join(f"{t / 1e3:.1f}" for t in tenths),
+             f"{'idle ms':>8} {'gaps':>5} {'max us':>7}  after -> before"]
+    for (a, b), gaps in sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"{sum(gaps) / 1e3:8.2f} {len(gaps):5d} {max(gaps):7.0f}  {a} -> {b}")
+    return "\n".join(lines)
 
 
 KINDS = (("triton (compiled)", ("triton",)),  # first: fused kernels are named after the ops they hold (_scaled_mm)
@@ -76,13 +109,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="llama3-8b")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--which", default="both")
+    ap.add_argument("--which", default="both", help="ours, plain, both, or trainer")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--microbatch", type=int, default=1)
     ap.add_argument("--compile", default="false")
     ap.add_argument("--fp8", default="false")
     a = ap.parse_args()
 
+    if a.which == "trainer":
+        return profile_trainer(a)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -118,9 +153,31 @@ def main() -> None:
         targets = torch.roll(ids, -1, 1)
 
         def ours():
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for TORCHINDUCTOR_CUDAGRAPHS=1's graphs
             loss_fn(stage(ids), targets, head=stage.loss_head).backward()
         profile(ours, a.top, f"merak-lora stage (pp=1), microbatch {a.microbatch}, compile {a.compile}, "
                              f"fp8 {a.fp8}")
+
+
+
+def profile_trainer(a) -> None:
+    """The entrypoint's third optimizer step run under `profile` (which runs it six times: the trainer's counters
+    move on, nothing else depends on them here)."""
+    from merak_lora import trainer
+    step, calls = trainer.Trainer.step, []
+
+    def profiled(self):
+        calls.append(self)
+        if len(calls) != 3:
+            return step(self)
+        result = []
+        profile(lambda: result.append(step(self)), a.top, f"merak-lora trainer step (pp=1), 4 microbatches of "
+                                                           f"{a.microbatch}, compile {a.compile}, fp8 {a.fp8}")
+        return result[-1]
+
+    trainer.Trainer.step = profiled
+    flags = ["--random_weights", "true", "--compile", a.compile, "--fp8", a.fp8]
+    run_ours(bench_model(a.arch, weights=False), a.seq, a.microbatch, False, 12, 0, flags)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,11 @@ class Trainer:
         rows = []
         for k, (job, b) in enumerate(zip(jobs, batches)):
             mine = [loss for loss, o in zip(losses or [], owners) if o == k]
-            local_sq = sum((p.grad.float().pow(2).sum() for p in job.params if p.grad is not None), zero)
+            grads = [p.grad for p in job.params if p.grad is not None]
+            # multi-tensor kernels (as clip_grad_norm_ uses), not three tiny ones per adapter tensor: hundreds of
+            # launches while the GPU waits at the step's end
+            local_sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum() if grads \
+                else zero
             rows += [torch.stack(mine).sum() if mine else zero,
                      local_sq / layout.dp,   # every dp replica now holds the same gradients
                      torch.tensor(float(b.tokens if layout.pp_rank == 0 else 0), device=layout.device)]
@@ -166,9 +170,8 @@ class Trainer:
         if finite:
             clip = cfg.max_grad_norm / (grad_norm + 1e-6) if cfg.max_grad_norm > 0 else 1.0
             factor = min(clip, 1.0) / scale
-            for p in job.params:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+            if factor != 1.0:
+                torch._foreach_mul_([p.grad for p in job.params if p.grad is not None], factor)
             for group in job.optimizer.param_groups:
                 group["lr"] = lr
             job.optimizer.step()
