@@ -51,7 +51,8 @@ def loss_and_grads(model, batches: Batches, consumed: int, microbatches: int) ->
 
 
 def reference_training(cfg: Config, lora: dict, dp: int, steps: int):
-    """Losses per step and the adapter (PEFT key names) after each step."""
+    """Losses per step, the adapter (PEFT key names) after each step, and each step's gradient norm before
+    clipping."""
     model = reference_model(cfg, lora)
     model.train()
     params = adapter_params(model)
@@ -59,21 +60,21 @@ def reference_training(cfg: Config, lora: dict, dp: int, steps: int):
                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
     batches = reference_batches(cfg, dp)
-    losses, adapters = [], []
+    losses, adapters, norms = [], [], []
     for step in range(steps):
         losses.append(loss_and_grads(model, batches, step * batches.global_batch, cfg.gradient_accumulation_steps))
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm).item())
         opt.step()
         sched.step()
         opt.zero_grad()
         adapters.append({k: v.detach().clone() for k, v in params.items()})
-    return losses, adapters
+    return losses, adapters, norms
 
 
-def logged_losses(output_dir: str) -> list[float]:
+def logged_losses(output_dir: str, key: str = "loss") -> list[float]:
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    return [r["loss"] for r in rows if r.get("split") == "train"]
+    return [r[key] for r in rows if r.get("split") == "train"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
