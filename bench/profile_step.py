@@ -153,11 +153,9 @@ def main() -> None:
         targets = torch.roll(ids, -1, 1)
 
         def ours():
-            torch.compiler.cudagraph_mark_step_begin()  # a new step for TORCHINDUCTOR_CUDAGRAPHS=1's graphs
             loss_fn(stage(ids), targets, head=stage.loss_head).backward()
         profile(ours, a.top, f"merak-lora stage (pp=1), microbatch {a.microbatch}, compile {a.compile}, "
                              f"fp8 {a.fp8}")
-
 
 
 def profile_trainer(a) -> None:

@@ -71,7 +71,7 @@ def reference_training(cfg: Config, lora: dict, dp: int, steps: int):
     return losses, adapters, norms
 
 
-def logged_losses(output_dir: str, key: str = "loss") -> list[float]:
+def logged(output_dir: str, key: str = "loss") -> list[float]:
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     return [r[key] for r in rows if r.get("split") == "train"]

@@ -16,7 +16,7 @@ from conftest import LORA_CONFIG, SAMPLE
 from dist_helper import _ctx, free_port, run_ranks
 from merak_lora.checkpoint import load_adapter_tensors, read_latest, read_meta
 from merak_lora.config import Config, ConfigError
-from reference import logged_losses, rel
+from reference import logged, rel
 
 
 def _cfg(model: str, out: str, **kw) -> Config:
@@ -47,7 +47,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tiny_llama, tmp_path):
     resumed = _cfg(tiny_llama, str(tmp_path / "resumed"), pp=2, resume_peft_from_checkpoint="latest")
     steps = run_ranks(_train, 2, resumed)
     assert steps == [6, 6]
-    assert logged_losses(resumed.output_dir) == logged_losses(full.output_dir)[3:]
+    assert logged(resumed.output_dir) == logged(full.output_dir)[3:]
     a = load_adapter_tensors(os.path.join(full.output_dir, "checkpoint-6"), read_meta(full.output_dir +
                                                                                        "/checkpoint-6"))
     b = load_adapter_tensors(os.path.join(resumed.output_dir, "checkpoint-6"), read_meta(resumed.output_dir +
@@ -68,7 +68,7 @@ def test_pp4_checkpoint_continues_training_at_pp2(tiny_llama, tmp_path, pp4_run)
     assert run_ranks(_train, 2, cfg) == [5, 5]
     meta = read_meta(os.path.join(cfg.output_dir, "checkpoint-5"))
     assert (meta["pp"], meta["num_stages"], meta["global_step"]) == (2, 2, 5)
-    losses = logged_losses(cfg.output_dir)
+    losses = logged(cfg.output_dir)
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
     before = load_adapter_tensors(pp4_run, read_meta(pp4_run))
     after = load_adapter_tensors(os.path.join(cfg.output_dir, "checkpoint-5"), meta)

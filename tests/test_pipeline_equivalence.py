@@ -10,7 +10,7 @@ import pytest
 from dist_helper import run_ranks
 from merak_lora.checkpoint import load_adapter_tensors, read_meta
 from merak_lora.config import Config
-from reference import logged_losses, reference_training, rel
+from reference import logged, reference_training, rel
 from conftest import SAMPLE
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "task_type": "CAUSAL_LM", "init_lora_weights": False,
@@ -43,13 +43,13 @@ def test_pipeline_matches_one_process_peft(request, tmp_path, model_fixture, pp,
     run_ranks(_train, pp * dp, cfg)
 
     ref_losses, ref_adapters, ref_norms = reference_training(cfg, LORA, dp, STEPS)
-    losses = logged_losses(cfg.output_dir)
+    losses = logged(cfg.output_dir)
     assert len(losses) == STEPS
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: pipeline loss {a} vs reference {b}"
     # the norm that clipping divides by: every step clips here (norms ~10 against max_grad_norm 1), and AdamW
     # would not show a constant factor's error in it
-    for step, (a, b) in enumerate(zip(logged_losses(cfg.output_dir, "grad_norm"), ref_norms), 1):
+    for step, (a, b) in enumerate(zip(logged(cfg.output_dir, "grad_norm"), ref_norms), 1):
         assert abs(a - b) <= 1e-5 * b, f"step {step}: pipeline gradient norm {a} vs reference {b}"
     for step in range(1, STEPS + 1):
         ckpt = os.path.join(cfg.output_dir, f"checkpoint-{step}")

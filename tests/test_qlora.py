@@ -15,7 +15,7 @@ pytest.importorskip("bitsandbytes")
 from conftest import LORA_CONFIG, SAMPLE  # noqa: E402
 from dist_helper import run_ranks  # noqa: E402
 from family_check import LORA, batch  # noqa: E402
-from reference import logged_losses, rel  # noqa: E402
+from reference import logged, rel  # noqa: E402
 
 QUANT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
              bnb_4bit_compute_dtype="float32")
@@ -92,7 +92,7 @@ def test_four_bit_training_falls_saves_and_exports(tiny_llama, tmp_path):
                  gradient_accumulation_steps=2, seq_length=64, learning_rate=5e-3, disable_tqdm=True,
                  report_to="none", device="cpu", optim="paged_adamw_32bit", **QUANT)
     run_ranks(_train, 2, cfg)
-    losses = logged_losses(cfg.output_dir)
+    losses = logged(cfg.output_dir)
     assert losses[-1] < losses[0] - 0.5, losses
     # resume continues from the 4-bit run's optimizer state; the export loads on the 16-bit base
     resumed = Config(**{**cfg.__dict__, "max_steps": 32, "resume_peft_from_checkpoint": "latest"})

@@ -10,7 +10,7 @@ import pytest
 
 from dist_helper import run_ranks
 from merak_lora.checkpoint import load_adapter_tensors, read_meta
-from reference import logged_losses, reference_training, rel
+from reference import logged, reference_training, rel
 from test_pipeline_equivalence import LORA, _config, _train
 
 STEPS = 3
@@ -26,7 +26,7 @@ def test_schedule_matches_reference(tiny_llama, tmp_path, schedule):
     meta = read_meta(os.path.join(cfg.output_dir, f"checkpoint-{STEPS}"))
     assert meta["num_stages"] == (2 if schedule == "gpipe" else 4)
     ref_losses, ref_adapters, _ = reference_training(cfg, LORA, 1, STEPS)
-    for a, b in zip(logged_losses(cfg.output_dir), ref_losses):
+    for a, b in zip(logged(cfg.output_dir), ref_losses):
         assert abs(a - b) <= 1e-5 * abs(b)
     got = load_adapter_tensors(os.path.join(cfg.output_dir, f"checkpoint-{STEPS}"), meta)
     assert set(got) == set(ref_adapters[-1])
