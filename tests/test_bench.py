@@ -43,6 +43,8 @@ def runs(workdir) -> dict[str, partial]:
                                            str(workdir / "startup")),
         "test_profile_bench_runs": partial(run_bench, "profile_step.py", "--arch", "tiny", "--seq", "32", "--top",
                                            "5", results=False),
+        "test_profile_trainer_bench_runs": partial(run_bench, "profile_step.py", "--arch", "tiny", "--seq", "32",
+                                                   "--which", "trainer", "--top", "5", results=False),
         "test_seventy_b_bench_runs": partial(run_bench, "seventy_b.py", "--arch", "tiny", "--gpus", "2", "--seq",
                                              "32", "--microbatches", "2", "--steps", "1"),
         "test_decode_bench_runs": partial(run_bench, "decode.py", "--arch", "tiny", "--batch", "2", "--prompt_len",
@@ -134,6 +136,10 @@ def test_seventy_b_bench_runs(out):
 
 def test_profile_bench_runs(out):
     assert "===== plain transformers + PEFT" in out and "===== merak-lora stage (pp=1)" in out
+
+
+def test_profile_trainer_bench_runs(out):
+    assert "===== merak-lora trainer step (pp=1), 4 microbatches of 1" in out and "done: 12 steps" in out
 
 
 def test_startup_bench_runs(out):
