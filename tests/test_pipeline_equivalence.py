@@ -33,7 +33,8 @@ def _config(model: str, out: str, lora_path: str, **kw) -> Config:
 
 
 @pytest.mark.parametrize("model_fixture,pp,dp", [
-    ("tiny_llama", 2, 1), ("tiny_llama", 4, 1), ("tiny_tied", 2, 1), ("tiny_tied", 4, 1), ("tiny_llama", 2, 2),
+    ("tiny_llama", 1, 1), ("tiny_llama", 1, 2), ("tiny_llama", 2, 1), ("tiny_llama", 4, 1), ("tiny_tied", 2, 1),
+    ("tiny_tied", 4, 1), ("tiny_llama", 2, 2),
 ])
 def test_pipeline_matches_one_process_peft(request, tmp_path, model_fixture, pp, dp):
     model = request.getfixturevalue(model_fixture)
