@@ -25,6 +25,7 @@ import dataclasses
 import os
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 try:
@@ -148,12 +149,13 @@ if triton is not None:
                       mask=(rr < R)[:, None] & (cols < K)[None, :])
 
     @triton.jit
-    def _down_backward_kernel(g_ptr, x_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, stride_x, stride_a,
+    def _down_backward_kernel(g_ptr, x_ptr, u_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, stride_x, stride_a,
                               rows_per_program, threshold, scale, WANT_GX: tl.constexpr, T: tl.constexpr,
-                              BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
-                              DOT: tl.constexpr):
+                              GATED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                              PRECISION: tl.constexpr, DOT: tl.constexpr):
         """One column block of A's gradient over one slice of the rows (added atomically), and that block of
-        the input gradient for those rows: the sum over the T targets, each through its own mask, written once."""
+        the input gradient for those rows: the sum over the T targets, each through its own mask, written once.
+        GATED: the input is silu(x) * u, computed here from the tiles of x and u (same strides)."""
         cols = tl.program_id(0) * BK + tl.arange(0, BK)
         group0 = tl.program_id(0) * (BK // 8)
         dtype = x_ptr.dtype.element_ty
@@ -172,6 +174,10 @@ if triton is not None:
             rows = m0 + tl.arange(0, BM)
             inside = (rows < M)[:, None] & (cols < K)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
+            if GATED:
+                gate = x.to(tl.float32)
+                u = tl.load(u_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
+                x = (gate * tl.sigmoid(gate) * u.to(tl.float32)).to(dtype)
             gx = tl.zeros((BM, BK), dtype=tl.float32)
             ga0, gx = _target_back(ga0, gx, x, g_ptr, a0, 0, seed_ptr, rows, group0, K, R, M, threshold, T,
                                    WANT_GX, BM, BK, RP, PRECISION, DOT)
@@ -339,19 +345,23 @@ def _rows_per_program(device: torch.device, m: int, col_blocks: int, bm: int, pe
 
 def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx: torch.Tensor,
                          ga: torch.Tensor, seed: torch.Tensor, p: float, want_gx: bool,
-                         tiles: Tiles = TILES) -> None:
+                         tiles: Tiles = TILES, up2: torch.Tensor | None = None) -> None:
     """ga[T*R, K] += the gradient for a (fp32, zeroed by the caller); gx[M, K] = the gradient for x2 if want_gx,
-    summed over the targets. Programs are column blocks times slices of the rows, enough of them to fill the GPU."""
+    summed over the targets. Programs are column blocks times slices of the rows, enough of them to fill the GPU.
+    With up2 (x2's layout), the input is silu(x2) * up2, computed as the tiles are read."""
     m, k = x2.shape
+    if up2 is not None and (up2.shape != x2.shape or up2.stride() != x2.stride()):
+        raise ValueError(f"gate {tuple(x2.shape)}/{x2.stride()} and up {tuple(up2.shape)}/{up2.stride()} differ")
     targets = seed.numel()
     threshold, scale = _threshold(p)
     bk = _columns(tiles.back_bk, targets)
     col_blocks = triton.cdiv(k, bk)
     rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm, tiles.programs_per_sm)
     _launch(_down_backward_kernel, x2)[(col_blocks, triton.cdiv(m, rows_per_program))](
-        g2, x2, a, gx, ga, seed, m, k, a.shape[0] // targets, x2.stride(0), a.stride(0), rows_per_program,
-        threshold, scale, WANT_GX=want_gx, T=targets, BM=tiles.back_bm, BK=bk, RP=_rank_pad(a.shape[0] // targets),
-        num_warps=tiles.back_warps, **_dot_options(x2))
+        g2, x2, x2 if up2 is None else up2, a, gx, ga, seed, m, k, a.shape[0] // targets, x2.stride(0),
+        a.stride(0), rows_per_program, threshold, scale, WANT_GX=want_gx, T=targets, GATED=up2 is not None,
+        BM=tiles.back_bm, BK=bk, RP=_rank_pad(a.shape[0] // targets), num_warps=tiles.back_warps,
+        **_dot_options(x2))
 
 
 def launch_up(base2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float,
@@ -376,11 +386,7 @@ def launch_up_backward(g2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, glo
         num_warps=tiles.up_back_warps, **_dot_options(g2))
 
 
-@_op("merak_lora::dropped_down")
-def dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ a.T in x's dtype, the mask drawn from `seed` (an int64 tensor). With several seeds (up to
-    MAX_TARGETS), a's rows are the A matrices of as many targets that read x, stacked (equal ranks), and each
-    target's part of the output has its own mask: x is read once for all of them."""
+def _dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     if not 0 < seed.numel() <= MAX_TARGETS or a.shape[0] % seed.numel():
         raise ValueError(f"{seed.numel()} seeds for an A of {a.shape[0]} rows: 1 to {MAX_TARGETS} targets of "
                          "equal rank")
@@ -391,27 +397,52 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float)
     return out.view(*x.shape[:-1], a.shape[0])
 
 
+@_op("merak_lora::dropped_down")
+def dropped_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x, p) @ a.T in x's dtype, the mask drawn from `seed` (an int64 tensor). With several seeds (up to
+    MAX_TARGETS), a's rows are the A matrices of as many targets that read x, stacked (equal ranks), and each
+    target's part of the output has its own mask: x is read once for all of them."""
+    return _dropped_down(x, a, seed, p)
+
+
 @dropped_down.register_fake
 def _(x, a, seed, p):
     return x.new_empty(*x.shape[:-1], a.shape[0])
 
 
+@_op("merak_lora::gated_dropped_down")
+def gated_dropped_down(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, seed: torch.Tensor,
+                       p: float) -> torch.Tensor:
+    """`dropped_down` of x = silu(gate) * up, a gated MLP's activation, whose backward computes x again from gate
+    and up as it reads them instead of keeping x: the activation's own backward keeps gate and up anyway, so x
+    (the widest tensor of a layer) need not outlive the forward."""
+    if x.shape != gate.shape or x.shape != up.shape:
+        raise ValueError(f"activation {tuple(x.shape)}, gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    return _dropped_down(x, a, seed, p)
+
+
+@gated_dropped_down.register_fake
+def _(x, gate, up, a, seed, p):
+    return x.new_empty(*x.shape[:-1], a.shape[0])
+
+
 @_op("merak_lora::dropped_down_backward")
 def dropped_down_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
-                          want_gx: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          want_gx: bool, up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of `dropped_down` for x (empty unless want_gx; summed over the targets) and for a, from the
-    same masks."""
+    same masks; with `up`, those of `gated_dropped_down`, x being the gate."""
     x2 = _rows(x)
     m, k = x2.shape
     gx = torch.empty((m, k) if want_gx else (0,), dtype=x.dtype, device=x.device)
     ga = torch.zeros(a.shape[0], k, dtype=torch.float32, device=x.device)
     if m:
-        launch_down_backward(g.reshape(m, a.shape[0]).contiguous(), x2, a, gx, ga, seed, p, want_gx)
+        launch_down_backward(g.reshape(m, a.shape[0]).contiguous(), x2, a, gx, ga, seed, p, want_gx,
+                             up2=None if up is None else _rows(up))
     return (gx.view(x.shape) if want_gx else gx), ga.to(a.dtype)
 
 
 @dropped_down_backward.register_fake
-def _(g, x, a, seed, p, want_gx):
+def _(g, x, a, seed, p, want_gx, up=None):
     return x.new_empty(x.shape if want_gx else (0,)), a.new_empty(a.shape)
 
 
@@ -428,6 +459,22 @@ def _backward(ctx, g):
 
 
 dropped_down.register_autograd(_backward, setup_context=_setup)
+
+
+def _gated_setup(ctx, inputs, output):
+    _, gate, up, a, seed, p = inputs
+    ctx.save_for_backward(gate, up, a, seed)
+    ctx.p = p
+
+
+def _gated_backward(ctx, g):
+    gate, up, a, seed = ctx.saved_tensors
+    gx, ga = dropped_down_backward(g, gate, a, seed, ctx.p, ctx.needs_input_grad[0], up)
+    return (gx if ctx.needs_input_grad[0] else None), None, None, (ga if ctx.needs_input_grad[3] else None), None, \
+        None
+
+
+gated_dropped_down.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 @_op("merak_lora::added_up")
@@ -489,10 +536,10 @@ def new_seed(device: torch.device, n: int = 1) -> torch.Tensor:
 def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 48, k: int = 256) -> str | None:
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
     raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same masks), or None: one
-    target's two halves, and the down projection of three targets sharing an input. A Triton build that miscompiles
-    them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md records such a fault in a variant of
-    the backward, on an H100 only), so a stage checks once before it trains. Draws nothing from the device's
-    generator: the masks of the run stay as they were."""
+    target's two halves, the down projection of three targets sharing an input, and A's gradient through a gated
+    activation. A Triton build that miscompiles them gives wrong adapter gradients rather than an error
+    (bench/PERF_NOTES.md records such a fault in a variant of the backward, on an H100 only), so a stage checks once
+    before it trains. Draws nothing from the device's generator: the masks of the run stay as they were."""
     p, scale = 0.25, 4.0  # p a multiple of 2**-16: the kernels' dropout scale is exactly 1 / (1 - p)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
@@ -510,6 +557,10 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
             shared = dropped_down(x, a, seeds, p)
             got_shared = (shared, *torch.autograd.grad(shared, (x, a), up_low))
             keeps = [dropout_mask(seeds[t:t + 1], (m, k), p, device) for t in range(MAX_TARGETS)]
+            gate_up = (base, up)
+            activation = (F.silu(base.float()) * up.float()).to(dtype)
+            gated = torch.autograd.grad(gated_dropped_down(activation, *gate_up, a[:rank], seeds[:1], p), a,
+                                        up_low[:, :rank])[0]
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     x_ref, a_ref, b_ref = (t.detach().clone().float().requires_grad_(True) for t in (x, a, b))
@@ -520,9 +571,12 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
               *torch.autograd.grad(out_ref, (x_ref, a_ref, b_ref), up.float(), retain_graph=True))
     shared_ref = torch.cat(lows, dim=-1)
     wanted_shared = (shared_ref, *torch.autograd.grad(shared_ref, (x_ref, a_ref), up_low.float()))
+    gated_ref = torch.autograd.grad((activation.float() * keeps[0] / (1 - p)) @ a_ref[:rank].to(dtype).float().t(),
+                                    a_ref, up_low[:, :rank].float())[0]
     for what, mine, ref in zip(("low-rank output", "output", "input gradient", "A's gradient", "B's gradient",
-                                "shared-input output", "shared-input input gradient", "shared-input A gradient"),
-                               got + got_shared, wanted + wanted_shared):
+                                "shared-input output", "shared-input input gradient", "shared-input A gradient",
+                                "gated-input A gradient"),
+                               got + got_shared + (gated,), wanted + wanted_shared + (gated_ref,)):
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
         if not err < 2e-2:  # bf16: a few roundings of the result, 2**-8 each
             return f"its {what} is off torch's by {err:.3g} of the largest entry"

@@ -298,6 +298,8 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     name = names[0] if len(names) == 1 else None
     if args or kwargs or self.disable_adapters or self.merged or name is None or not _plain(self, name):
         return LoraLinear.forward(self, x, *args, **kwargs)
+    gated = getattr(self, "gated_mlp", None)
+    handed = gated[0].take() if gated is not None and gated[1] == "down" else None
     result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     drop = self.lora_dropout[name]
@@ -307,13 +309,18 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
         if fused:
             shared = getattr(self, "shared_input", None)
             low = shared[0].low(shared[1], x, name, drop.p) if shared is not None else None
+            if low is None and handed is not None and all(t.shape == x.shape for t in handed):
+                low = fused_lora.gated_dropped_down(x, *handed, a, fused_lora.new_seed(x.device), drop.p)
             if low is None:
                 low = fused_lora.dropped_down(x, a, fused_lora.new_seed(x.device), drop.p)
         else:
             low = checkpoint(_dropped_low_rank, x, a, drop.p, use_reentrant=False)
     else:
         low = F.linear(drop(x), a.to(x.dtype))
-    return (fused_lora.added_up if fused else added_up_by_cublas)(result, low, b, self.scaling[name])
+    out = (fused_lora.added_up if fused else added_up_by_cublas)(result, low, b, self.scaling[name])
+    if fused and gated is not None and gated[1] != "down":
+        gated[0].hand(gated[1], out)
+    return out
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"))
@@ -361,6 +368,45 @@ def group_shared_inputs(model: nn.Module) -> None:
                 group = SharedInput(members)
                 for i, m in enumerate(members):
                     m.shared_input = (group, i)
+
+
+class GatedMlp:
+    """An MLP whose forward is transformers' LlamaMLP one, down(silu(gate(x)) * up(x)), with LoRA on all three.
+    In a compiled training forward on the fused path, gate and up hand their outputs to down, whose LoRA down
+    projection then keeps those for its backward (the activation's own backward keeps them anyway) instead of its
+    input silu(gate) * up, the widest tensor of a layer, and computes the input again from them as it reads them
+    (`fused_lora.gated_dropped_down`): 5.25 GiB less at 8B shapes, microbatch 3 (bench/PERF_NOTES.md)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def hand(self, role: str, out: torch.Tensor) -> None:
+        self.outputs[role] = out
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """gate's and up's outputs of this forward, if both were handed; holds nothing afterwards."""
+        gate, up = self.outputs.pop("gate", None), self.outputs.pop("up", None)
+        return None if gate is None or up is None else (gate, up)
+
+
+def _computes_gated_silu(mlp: nn.Module) -> bool:
+    """Whether mlp's forward is LlamaMLP's (same code and names; most families copy it) with a SiLU activation."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    code, ref = getattr(type(mlp).forward, "__code__", None), LlamaMLP.forward.__code__
+    return (code is not None and (code.co_code, code.co_names) == (ref.co_code, ref.co_names)
+            and isinstance(getattr(mlp, "act_fn", None), (nn.SiLU, SiLUActivation)))
+
+
+def group_gated_mlps(model: nn.Module) -> None:
+    """Give the LoRA linears of each gated SiLU MLP (`_computes_gated_silu`) a GatedMlp."""
+    for parent in model.modules():
+        members = [getattr(parent, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if all(type(m) is LoraLinear for m in members) and _computes_gated_silu(parent):
+            group = GatedMlp()
+            for m, role in zip(members, ("gate", "up", "down")):
+                m.gated_mlp = (group, role)
 
 
 def added_up_by_cublas(result: torch.Tensor, low: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import ConfigError
-from .lora import ADAPTER, AdapterSwitch, apply_adapters, check_fused, group_shared_inputs
+from .lora import ADAPTER, AdapterSwitch, apply_adapters, check_fused, group_gated_mlps, group_shared_inputs
 from .models import ModelParts, find_parts
 from .fp8 import BlockScaled
 from .quant import Fp8, Quantization, quantized_linear, takes
@@ -398,6 +398,7 @@ def build_stage(spec: StageSpec, config, index: WeightIndex | None, *, device: t
     if compile and adapters:
         check_fused(model, device, dtype)
         group_shared_inputs(model)
+        group_gated_mlps(model)
     if compile and len(adapters) > 1:
         # one graph per adapter (and per train/eval mode) for the same layer code; torch's default keeps 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(adapters))

@@ -47,6 +47,37 @@ def test_fused_down_projection_matches_torch_with_the_same_mask(m, k, r, p, dtyp
         torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m,k,r,dtype", [(70, 136, 6, torch.float32), (96, 256, 8, torch.bfloat16)])
+def test_gated_down_projection_computes_its_input_again_from_gate_and_up(m, k, r, dtype):
+    """A gated MLP's down projection, x = silu(gate) * up (rounded once, as the compiler computes it): the same
+    output and gradients for gate, up and A as `dropped_down` of x, with x overwritten after the forward, so the
+    backward must have read gate and up instead."""
+    torch.manual_seed(4)
+    p = 0.25
+    gate = torch.randn(2, m, k).to(dtype).requires_grad_(True)
+    up = torch.randn(2, m, k).to(dtype).requires_grad_(True)
+    a = torch.randn(r, k, requires_grad=True)
+    seed = fused_lora.new_seed(gate.device)
+    refs = [t.detach().clone().requires_grad_(True) for t in (gate, up, a)]
+
+    def activation(g, u):
+        return (torch.nn.functional.silu(g.float()) * u.float()).to(dtype)
+
+    x = activation(gate, up)
+    out = fused_lora.gated_dropped_down(x, gate, up, a, seed, p)
+    with torch.no_grad():
+        x.zero_()
+    ref = fused_lora.dropped_down(activation(refs[0], refs[1]), refs[2], seed, p)
+    upstream = torch.randn(out.shape).to(dtype)
+    (out.float() * upstream.float()).sum().backward()
+    (ref.float() * upstream.float()).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((gate.grad, up.grad, a.grad), (t.grad for t in refs)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
+
+
 @pytest.mark.parametrize("m,n,r,dtype", [
     (70, 200, 6, torch.float32),      # rows, columns and rank not multiples of a tile
     (33, 136, 24, torch.float32),     # a rank over 16
@@ -253,5 +284,63 @@ def test_targets_sharing_an_input_run_one_kernel_and_give_what_each_alone_gives(
     assert sorted({t for _, t in launched}) == [1]
     torch.testing.assert_close(grouped_loss, alone_loss, rtol=1e-6, atol=0)
     for g, want in zip(grouped, alone):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(tiny_llama, monkeypatch):
+    """A compiled Llama stage: down's LoRA reads silu(gate) * up, and its backward computes that again from gate
+    and up (kept for the activation's backward anyway) instead of keeping it. Same masks, so the step gives the
+    loss and every LoRA gradient of the step where down keeps its input, and its graphs keep one activation-sized
+    tensor a layer less."""
+    from family_check import LORA, batch
+    from merak_lora.config import Config
+    from merak_lora.layout import init_distributed
+    from merak_lora.plan import build_stages, make_plan
+    from merak_lora.schedule import Pipeline, TokenLoss
+
+    cfg = Config(model_path=tiny_llama, compile=True, seed=3)
+    plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 0.25})
+    layout = init_distributed(1, 1, False, "cpu")
+    stage = build_stages(cfg, plan, layout)[0].train()
+    gated = []
+    real = fused_lora.launch_down_backward
+
+    def launch(*args, **kw):
+        gated.append(kw.get("up2") is not None)
+        real(*args, **kw)
+    monkeypatch.setattr(fused_lora, "launch_down_backward", launch)
+    b = batch(tiny_llama, rows=2, seq=16)
+    pipe = Pipeline([stage], layout, "1f1b", 1, TokenLoss(), plan.hidden_size, plan.vocab_size, torch.float32)
+    pipe.loss_fn.normalizer = b.targets_count
+    lora = [p for n, p in stage.model.named_parameters() if "lora_" in n]
+    width = stage.model.get_base_model().config.intermediate_size
+
+    def step():
+        gated.clear()
+        for p in lora:
+            p.grad = None
+        kept = []
+
+        def pack(t):
+            kept.append(t.shape[-1] == width and t.dtype.is_floating_point)
+            return t
+        torch.manual_seed(11)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = pipe.step(b)
+        return loss, [p.grad.clone() for p in lora], sum(kept)
+
+    torch._dynamo.reset()
+    loss, grads, kept = step()
+    layers = len(stage.layers())
+    assert sorted(gated) == [False] * 3 * layers + [True] * layers
+    for mod in stage.model.modules():
+        mod.__dict__.pop("gated_mlp", None)
+    torch._dynamo.reset()
+    alone_loss, alone, alone_kept = step()
+    assert not any(gated)
+    assert kept == alone_kept - layers
+    torch.testing.assert_close(loss, alone_loss, rtol=1e-6, atol=0)
+    for g, want in zip(grads, alone):
         assert g.abs().max() > 0
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
