@@ -42,9 +42,9 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
 # The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
 # cuBLAS's addmm), without its up projection alone, with one down-projection kernel per target where targets
 # share an input (q,k,v; gate,up), or with the down projection keeping the MLP's activation for its backward
-# instead of computing it again from gate and up (`act_kept`); the FP8 runs with cuBLAS's exact accumulation, or with the compiler's
-# partitioner recomputing all it may but merak-lora's kernels (less memory, for larger microbatches): each one's
-# gain in one call.
+# instead of computing it again from gate and up (`act_kept`); the FP8 runs with cuBLAS's exact accumulation, or
+# with the compiler's partitioner recomputing all it may but merak-lora's kernels (less memory, for larger
+# microbatches): each one's gain in one call.
 VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
                  for without in ("compiler_dropout", "addmm_up", "per_target", "act_kept")})
 VARIANTS.update({f"{name}_{how}": VARIANTS[name] for name in VARIANTS if name.startswith("ours_fp8_mb")

@@ -288,7 +288,8 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     `fused_lora` does both halves: the down projection draws its dropout mask inside the product and again in its
     backward from a saved seed, and the up projection is added to the base output in one pass whose backward reads
     the output gradient once for B's gradient and the low-rank one (cuBLAS's addmm and its two thin products ran
-    at a third of the copy rate); targets that read one input share one down-projection kernel (SharedInput).
+    at a third of the copy rate); targets that read one input share one down-projection kernel (SharedInput), and
+    a gated MLP's down projection keeps gate's and up's outputs for its backward instead of its input (GatedMlp).
     Compiled elsewhere, the partitioner recomputes the dropout (replaying its RNG state) rather than keeping each
     target's dropped copy and mask: x itself is shared by the projections reading it (q,k,v; gate,up), each
     dropout's output is its own, and with seven targets those made up 40% of what a Llama decoder layer kept.
