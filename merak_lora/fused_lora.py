@@ -8,7 +8,8 @@ mask of 8 consecutive elements (16 random bits each), nothing of the size of x i
 backward writes only the input gradient. The mask is a function of (seed, row, column) alone, so the forward, the
 backward and `dropout_mask` agree whatever their tiling. Targets that read one input (q, k, v; gate, up:
 `lora.SharedInput`) share one kernel, one seed each: x is read once, and the backward writes their summed input
-gradient once.
+gradient once. A gated MLP's down projection (`lora.GatedMlp`) keeps gate and up, which the activation's backward
+keeps anyway, instead of its input silu(gate) * up, and its backward forms that input again from them.
 
 The up projection is added to the base output in one pass, and its backward reads the output gradient once for both
 B's gradient and the low-rank one. cuBLAS's addmm and its backward's two thin products of rank 8 ran at 40-44% of
