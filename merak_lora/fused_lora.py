@@ -471,8 +471,9 @@ def _gated_setup(ctx, inputs, output):
 def _gated_backward(ctx, g):
     gate, up, a, seed = ctx.saved_tensors
     gx, ga = dropped_down_backward(g, gate, a, seed, ctx.p, ctx.needs_input_grad[0], up)
-    return (gx if ctx.needs_input_grad[0] else None), None, None, (ga if ctx.needs_input_grad[3] else None), None, \
-        None
+    # no gradient for gate and up through this op: they only rebuild x, whose own gradient autograd carries to them
+    return ((gx if ctx.needs_input_grad[0] else None), None, None, (ga if ctx.needs_input_grad[3] else None),
+            None, None)
 
 
 gated_dropped_down.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -558,9 +559,8 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
             shared = dropped_down(x, a, seeds, p)
             got_shared = (shared, *torch.autograd.grad(shared, (x, a), up_low))
             keeps = [dropout_mask(seeds[t:t + 1], (m, k), p, device) for t in range(MAX_TARGETS)]
-            gate_up = (base, up)
-            activation = (F.silu(base.float()) * up.float()).to(dtype)
-            gated = torch.autograd.grad(gated_dropped_down(activation, *gate_up, a[:rank], seeds[:1], p), a,
+            activation = (F.silu(base.float()) * up.float()).to(dtype)  # base and up serve as gate and up
+            gated = torch.autograd.grad(gated_dropped_down(activation, base, up, a[:rank], seeds[:1], p), a,
                                         up_low[:, :rank])[0]
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
