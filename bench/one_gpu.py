@@ -41,12 +41,13 @@ VARIANTS = {  # name: (runner, gradient checkpointing, microbatch, extra flags f
 }
 # The same runs without merak_lora.fused_lora's kernels (LoRA dropout left to the compiler, the up projection to
 # cuBLAS's addmm), without its up projection alone, with one down-projection kernel per target where targets
-# share an input (q,k,v; gate,up), or with the down projection keeping the MLP's activation for its backward
-# instead of computing it again from gate and up (`act_kept`); the FP8 runs with cuBLAS's exact accumulation, or
-# with the compiler's partitioner recomputing all it may but merak-lora's kernels (less memory, for larger
-# microbatches): each one's gain in one call.
+# share an input (q,k,v; gate,up), with the down projection keeping the MLP's activation for its backward instead
+# of computing it again from gate and up (`act_kept`), or on an FP8 base with the SwiGLU's backward left to the
+# compiler instead of the down projection's LoRA kernel (`swiglu_apart`); the FP8 runs with cuBLAS's exact
+# accumulation, or with the compiler's partitioner recomputing all it may but merak-lora's kernels (less memory,
+# for larger microbatches): each one's gain in one call.
 VARIANTS.update({f"{name}_{without}": VARIANTS[name] for name in VARIANTS if "--compile" in VARIANTS[name][3]
-                 for without in ("compiler_dropout", "addmm_up", "per_target", "act_kept")})
+                 for without in ("compiler_dropout", "addmm_up", "per_target", "act_kept", "swiglu_apart")})
 VARIANTS.update({f"{name}_{how}": VARIANTS[name] for name in VARIANTS if name.startswith("ours_fp8_mb")
                  and name.count("_") == 2 for how in ("exact_accum", "recompute")})
 
@@ -105,6 +106,9 @@ def worker(args) -> None:
         elif args.worker.endswith("_act_kept"):
             from merak_lora import stage
             stage.group_gated_mlps = lambda model: None
+        elif args.worker.endswith("_swiglu_apart"):
+            from merak_lora import fp8_mlp
+            fp8_mlp.serves = lambda *bases: False
         elif args.worker.endswith("_exact_accum"):
             from merak_lora import fp8
             fp8.FAST_ACCUM = False

@@ -46,11 +46,13 @@ class BlockScaled:
         return dequantize_blocks(self.weight.to(device), self.scale_inv.to(device), dtype, self.tile)
 
 
-def quantize_rows(x: torch.Tensor, fmt: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, fmt: torch.dtype = E4M3,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of a 2-D tensor scaled so its largest magnitude is fmt's largest finite value: (q, scale) with
-    x ~= q * scale and scale of shape (rows, 1), fp32."""
+    x ~= q * scale and scale of shape (rows, 1), fp32. `amax`: the rows' largest magnitudes, where a kernel that
+    wrote x found them already."""
     top = torch.finfo(fmt).max
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    amax = (x.abs().amax(dim=-1, keepdim=True) if amax is None else amax).float().clamp(min=1e-12)
     q = (x.float() * (top / amax)).clamp(-top, top).to(fmt)
     return q, amax / top
 
@@ -109,29 +111,40 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
+def product(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x @ W^T on the FP8 units, x quantized per row, in x's dtype (no autograd)."""
+    flat = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_rows(_pad_rows(flat))
+    out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=x.dtype, use_fast_accum=FAST_ACCUM)
+    return out[: flat.shape[0]].view(*x.shape[:-1], wq.shape[0])
+
+
+def input_gradient(grad: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                   amax: torch.Tensor | None = None) -> torch.Tensor:
+    """grad @ W on the FP8 units: the weight's row scales folded into grad's columns, which is then quantized per
+    row (`amax`: the rows' largest |grad x scale|, where the kernel that wrote grad found them)."""
+    flat = grad.reshape(-1, grad.shape[-1])
+    gq, gs = quantize_rows(_pad_rows(flat) * w_scale.t(), amax=None if amax is None else _pad_rows(amax))
+    # the second operand must be column-major: W_q (out x in) re-laid once per backward, 1 byte a weight
+    w_cols = wq.t().contiguous().t()
+    ones = torch.ones(1, wq.shape[1], dtype=torch.float32, device=wq.device)
+    dx = torch._scaled_mm(gq, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype, use_fast_accum=FAST_ACCUM)
+    return dx[: flat.shape[0]].view(*grad.shape[:-1], wq.shape[1])
+
+
 class _Fp8Product(torch.autograd.Function):
     """x @ W^T with W frozen in FP8: the forward and the input gradient both on the FP8 units; nothing but the
     weight is kept for the backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize_rows(_pad_rows(flat))
-        out = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=x.dtype,
-                               use_fast_accum=FAST_ACCUM)
         ctx.save_for_backward(wq, w_scale)
-        return out[: flat.shape[0]].view(*x.shape[:-1], wq.shape[0])
+        return product(x, wq, w_scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         wq, w_scale = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        gq, gs = quantize_rows(_pad_rows(flat) * w_scale.t())
-        # the second operand must be column-major: W_q (out x in) re-laid once per backward, 1 byte a weight
-        w_cols = wq.t().contiguous().t()
-        ones = torch.ones(1, wq.shape[1], dtype=torch.float32, device=wq.device)
-        dx = torch._scaled_mm(gq, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype, use_fast_accum=FAST_ACCUM)
-        return dx[: flat.shape[0]].view(*grad.shape[:-1], wq.shape[1]), None, None
+        return input_gradient(grad, wq, w_scale), None, None
 
 
 class Fp8Linear(nn.Linear):

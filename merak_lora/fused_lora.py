@@ -150,13 +150,31 @@ if triton is not None:
                       mask=(rr < R)[:, None] & (cols < K)[None, :])
 
     @triton.jit
-    def _down_backward_kernel(g_ptr, x_ptr, u_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, M, K, R, stride_x, stride_a,
-                              rows_per_program, threshold, scale, WANT_GX: tl.constexpr, T: tl.constexpr,
-                              GATED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
-                              PRECISION: tl.constexpr, DOT: tl.constexpr):
+    def _swiglu_back(gx, d_ptr, gu_ptr, amax_ptr, ws_g, ws_u, gate, sig, u, rows, cols, K, M, stride_x, inside,
+                     dtype):
+        """The SwiGLU's backward for one tile: the activation's gradient (the LoRA part gx plus the base
+        product's d) taken to gate (written over gx's place) and up, and each row's largest |gradient x weight
+        scale| in this column block (ws_*: the weights' row scales, per column here), for FP8: amax_ptr points at
+        this block's entries of [2, blocks, M]."""
+        dact = gx + tl.load(d_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        dgate = (dact * u * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
+        dup = (dact * gate * sig).to(dtype)
+        tl.store(gu_ptr + rows[:, None] * K + cols[None, :], dgate, mask=inside)
+        tl.store(gu_ptr + M * K + rows[:, None] * K + cols[None, :], dup, mask=inside)
+        blocks = tl.num_programs(0)
+        tl.store(amax_ptr + rows, tl.max(tl.abs(dgate.to(tl.float32) * ws_g), axis=1), mask=rows < M)
+        tl.store(amax_ptr + blocks * M + rows, tl.max(tl.abs(dup.to(tl.float32) * ws_u), axis=1), mask=rows < M)
+
+    @triton.jit
+    def _down_backward_kernel(g_ptr, x_ptr, u_ptr, a_ptr, gx_ptr, ga_ptr, seed_ptr, d_ptr, amax_ptr, ws_ptr, M, K,
+                              R, stride_x, stride_a, rows_per_program, threshold, scale, WANT_GX: tl.constexpr,
+                              T: tl.constexpr, GATED: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr,
+                              BK: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr):
         """One column block of A's gradient over one slice of the rows (added atomically), and that block of
         the input gradient for those rows: the sum over the T targets, each through its own mask, written once.
-        GATED: the input is silu(x) * u, computed here from the tiles of x and u (same strides)."""
+        GATED: the input is silu(x) * u, computed here from the tiles of x and u (same strides). SWIGLU (with
+        GATED): the input gradient goes on through the activation (`_swiglu_back`): gx_ptr receives gate's
+        gradient and then up's, [2, M, K], and amax_ptr their rows' maxima per column block, [2, blocks, M]."""
         cols = tl.program_id(0) * BK + tl.arange(0, BK)
         group0 = tl.program_id(0) * (BK // 8)
         dtype = x_ptr.dtype.element_ty
@@ -170,15 +188,23 @@ if triton is not None:
         ga0 = tl.zeros((RP, BK), dtype=tl.float32)
         ga1 = tl.zeros((RP, BK), dtype=tl.float32)
         ga2 = tl.zeros((RP, BK), dtype=tl.float32)
+        ws_g = tl.zeros((1, BK), dtype=tl.float32)
+        ws_u = ws_g
+        if SWIGLU:
+            ws_g = tl.load(ws_ptr + cols, mask=cols < K, other=0.0)[None, :]
+            ws_u = tl.load(ws_ptr + K + cols, mask=cols < K, other=0.0)[None, :]
         first = tl.program_id(1) * rows_per_program
         for m0 in range(first, first + rows_per_program, BM):
             rows = m0 + tl.arange(0, BM)
             inside = (rows < M)[:, None] & (cols < K)[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
+            gate = x.to(tl.float32)
+            sig = gate
+            u = gate
             if GATED:
-                gate = x.to(tl.float32)
-                u = tl.load(u_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
-                x = (gate * tl.sigmoid(gate) * u.to(tl.float32)).to(dtype)
+                sig = tl.sigmoid(gate)
+                u = tl.load(u_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+                x = (gate * sig * u).to(dtype)
             gx = tl.zeros((BM, BK), dtype=tl.float32)
             ga0, gx = _target_back(ga0, gx, x, g_ptr, a0, 0, seed_ptr, rows, group0, K, R, M, threshold, T,
                                    WANT_GX, BM, BK, RP, PRECISION, DOT)
@@ -188,7 +214,10 @@ if triton is not None:
             if T > 2:
                 ga2, gx = _target_back(ga2, gx, x, g_ptr, a2, 2, seed_ptr, rows, group0, K, R, M, threshold, T,
                                        WANT_GX, BM, BK, RP, PRECISION, DOT)
-            if WANT_GX:
+            if SWIGLU:
+                _swiglu_back(gx * scale, d_ptr, gx_ptr, amax_ptr + tl.program_id(0) * M, ws_g, ws_u, gate, sig, u,
+                             rows, cols, K, M, stride_x, inside, dtype)
+            elif WANT_GX:
                 tl.store(gx_ptr + rows[:, None] * K + cols[None, :], (gx * scale).to(gx_ptr.dtype.element_ty),
                          mask=inside)
         _add_ga(ga_ptr, ga0 * scale, 0, cols, K, R, RP)
@@ -344,25 +373,45 @@ def _rows_per_program(device: torch.device, m: int, col_blocks: int, bm: int, pe
     return triton.cdiv(triton.cdiv(m, splits), bm) * bm
 
 
+@dataclasses.dataclass
+class SwiGlu:
+    """What `launch_down_backward` needs to carry a gated input's gradient on through silu(gate) * up: the base
+    product's share of that gradient (d2, gate's layout) and the FP8 row scales of gate's and up's weights ([2, K]
+    fp32)."""
+    d2: torch.Tensor
+    weight_scales: torch.Tensor
+
+
 def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx: torch.Tensor,
                          ga: torch.Tensor, seed: torch.Tensor, p: float, want_gx: bool,
-                         tiles: Tiles = TILES, up2: torch.Tensor | None = None) -> None:
+                         tiles: Tiles = TILES, up2: torch.Tensor | None = None,
+                         swiglu: SwiGlu | None = None) -> torch.Tensor | None:
     """ga[T*R, K] += the gradient for a (fp32, zeroed by the caller); gx[M, K] = the gradient for x2 if want_gx,
     summed over the targets. Programs are column blocks times slices of the rows, enough of them to fill the GPU.
-    With up2 (x2's layout), the input is silu(x2) * up2, computed as the tiles are read."""
+    With up2 (x2's layout), the input is silu(x2) * up2, computed as the tiles are read; with `swiglu` as well,
+    gx[2, M, K] receives the gradients for x2 (the gate) and up2 instead, and the largest |gradient x weight scale|
+    of each of their rows is returned ([2, M, 1] fp32)."""
     m, k = x2.shape
-    if up2 is not None and (up2.shape != x2.shape or up2.stride() != x2.stride()):
-        raise ValueError(f"gate {tuple(x2.shape)}/{x2.stride()} and up {tuple(up2.shape)}/{up2.stride()} differ")
+    for name, other in (("up", up2), ("the base product's gradient", swiglu and swiglu.d2)):
+        if other is not None and (other.shape != x2.shape or other.stride() != x2.stride()):
+            raise ValueError(f"gate {tuple(x2.shape)}/{x2.stride()} and {name} {tuple(other.shape)}/"
+                             f"{other.stride()} differ")
+    if swiglu is not None and (up2 is None or not want_gx):
+        raise ValueError("the SwiGLU's gradient needs up and the input gradient")
     targets = seed.numel()
     threshold, scale = _threshold(p)
     bk = _columns(tiles.back_bk, targets)
     col_blocks = triton.cdiv(k, bk)
     rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm, tiles.programs_per_sm)
+    # per column block, so that no two programs write one maximum (then the largest over the blocks)
+    maxima = torch.empty(2, col_blocks, m, dtype=torch.float32, device=x2.device) if swiglu else ga
+    on = swiglu or SwiGlu(x2, ga)  # unread without SWIGLU
     _launch(_down_backward_kernel, x2)[(col_blocks, triton.cdiv(m, rows_per_program))](
-        g2, x2, x2 if up2 is None else up2, a, gx, ga, seed, m, k, a.shape[0] // targets, x2.stride(0),
-        a.stride(0), rows_per_program, threshold, scale, WANT_GX=want_gx, T=targets, GATED=up2 is not None,
-        BM=tiles.back_bm, BK=bk, RP=_rank_pad(a.shape[0] // targets), num_warps=tiles.back_warps,
-        **_dot_options(x2))
+        g2, x2, x2 if up2 is None else up2, a, gx, ga, seed, on.d2, maxima, on.weight_scales, m, k,
+        a.shape[0] // targets, x2.stride(0), a.stride(0), rows_per_program, threshold, scale, WANT_GX=want_gx,
+        T=targets, GATED=up2 is not None, SWIGLU=swiglu is not None, BM=tiles.back_bm, BK=bk,
+        RP=_rank_pad(a.shape[0] // targets), num_warps=tiles.back_warps, **_dot_options(x2))
+    return maxima.amax(dim=1).unsqueeze(-1) if swiglu else None
 
 
 def launch_up(base2: torch.Tensor, low: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float,
@@ -445,6 +494,32 @@ def dropped_down_backward(g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, see
 @dropped_down_backward.register_fake
 def _(g, x, a, seed, p, want_gx, up=None):
     return x.new_empty(x.shape if want_gx else (0,)), a.new_empty(a.shape)
+
+
+@_op("merak_lora::swiglu_down_backward")
+def swiglu_down_backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
+                         seed: torch.Tensor, p: float,
+                         weight_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated MLP's down projection, `gated_dropped_down`'s backward carried on through the activation: the
+    activation's gradient is the LoRA part (from g, through the masks) plus d (the base product's part), and it is
+    taken to gate and up in the same pass over gate, up and d. Returns (gate's and up's gradients [2, *gate.shape]
+    in gate's dtype, each row's largest |gradient x weight scale| for gate and up [2, rows, 1] fp32 (what the
+    FP8 products of their backward quantize with; `weight_scales` [2, columns]), A's gradient)."""
+    x2, u2, d2 = _rows(gate), _rows(up), _rows(d)
+    m, k = x2.shape
+    gu = torch.empty(2, m, k, dtype=gate.dtype, device=gate.device)
+    amax = torch.zeros(2, m, 1, dtype=torch.float32, device=gate.device)
+    ga = torch.zeros(a.shape[0], k, dtype=torch.float32, device=gate.device)
+    if m:
+        amax = launch_down_backward(g.reshape(m, a.shape[0]).contiguous(), x2, a, gu, ga, seed, p, True, up2=u2,
+                                    swiglu=SwiGlu(d2, weight_scales.float().contiguous()))
+    return gu.view(2, *gate.shape), amax, ga.to(a.dtype)
+
+
+@swiglu_down_backward.register_fake
+def _(g, gate, up, d, a, seed, p, weight_scales):
+    rows = gate.numel() // gate.shape[-1]
+    return (gate.new_empty(2, *gate.shape), gate.new_empty(2, rows, 1, dtype=torch.float32), a.new_empty(a.shape))
 
 
 def _setup(ctx, inputs, output):
@@ -538,8 +613,8 @@ def new_seed(device: torch.device, n: int = 1) -> torch.Tensor:
 def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 48, k: int = 256) -> str | None:
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
     raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same masks), or None: one
-    target's two halves, the down projection of three targets sharing an input, and A's gradient through a gated
-    activation. A Triton build that miscompiles them gives wrong adapter gradients rather than an error
+    target's two halves, the down projection of three targets sharing an input, A's gradient through a gated
+    activation, and the gradients for gate and up through it (`swiglu_down_backward`). A Triton build that miscompiles them gives wrong adapter gradients rather than an error
     (bench/PERF_NOTES.md records such a fault in a variant of the backward, on an H100 only), so a stage checks once
     before it trains. Draws nothing from the device's generator: the masks of the run stay as they were."""
     p, scale = 0.25, 4.0  # p a multiple of 2**-16: the kernels' dropout scale is exactly 1 / (1 - p)
@@ -551,6 +626,7 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
     up = torch.randn(m, k, generator=gen, device=device).to(dtype)
     up_low = torch.randn(m, MAX_TARGETS * rank, generator=gen, device=device).to(dtype)
     seeds = torch.arange(20261124, 20261124 + MAX_TARGETS, dtype=torch.int64, device=device)
+    d = torch.randn(m, k, generator=gen, device=device).to(dtype)  # the base product's share of a gradient
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             low = dropped_down(x, a[:rank], seeds[:1], p)
@@ -562,6 +638,8 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
             activation = (F.silu(base.float()) * up.float()).to(dtype)  # base and up serve as gate and up
             gated = torch.autograd.grad(gated_dropped_down(activation, base, up, a[:rank], seeds[:1], p), a,
                                         up_low[:, :rank])[0]
+            through, _, _ = swiglu_down_backward(up_low[:, :rank], base, up, d, a[:rank].detach(), seeds[:1], p,
+                                                 torch.ones(2, k, device=device))
     except Exception as e:  # noqa: BLE001 - whatever Triton raises, the compiler's dropout still serves
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     x_ref, a_ref, b_ref = (t.detach().clone().float().requires_grad_(True) for t in (x, a, b))
@@ -574,10 +652,16 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
     wanted_shared = (shared_ref, *torch.autograd.grad(shared_ref, (x_ref, a_ref), up_low.float()))
     gated_ref = torch.autograd.grad((activation.float() * keeps[0] / (1 - p)) @ a_ref[:rank].to(dtype).float().t(),
                                     a_ref, up_low[:, :rank].float())[0]
+    gate_ref, up_ref = (t.detach().float().requires_grad_(True) for t in (base, up))
+    act_ref = F.silu(gate_ref) * up_ref
+    through_ref = torch.autograd.grad((((act_ref * keeps[0] / (1 - p)) @ a_ref[:rank].detach().to(dtype).float().t())
+                                       * up_low[:, :rank].float()).sum() + (act_ref * d.float()).sum(),
+                                      (gate_ref, up_ref))
     for what, mine, ref in zip(("low-rank output", "output", "input gradient", "A's gradient", "B's gradient",
                                 "shared-input output", "shared-input input gradient", "shared-input A gradient",
-                                "gated-input A gradient"),
-                               got + got_shared + (gated,), wanted + wanted_shared + (gated_ref,)):
+                                "gated-input A gradient", "gate gradient through the SwiGLU",
+                                "up gradient through the SwiGLU"),
+                               got + got_shared + (gated, *through), wanted + wanted_shared + (gated_ref, *through_ref)):
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
         if not err < 2e-2:  # bf16: a few roundings of the result, 2**-8 each
             return f"its {what} is off torch's by {err:.3g} of the largest entry"

@@ -27,7 +27,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch.utils.checkpoint import checkpoint
 
-from . import fused_lora
+from . import fp8_mlp, fused_lora
 from .config import ConfigError
 from .models import default_targets, is_adaptable, is_linear
 
@@ -300,10 +300,18 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     if args or kwargs or self.disable_adapters or self.merged or name is None or not _plain(self, name):
         return LoraLinear.forward(self, x, *args, **kwargs)
     gated = getattr(self, "gated_mlp", None)
+    fp8_down = gated is not None and gated[0].fp8_down(name)
     handed = gated[0].take() if gated is not None and gated[1] == "down" else None
-    result = self.base_layer(x)
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     drop = self.lora_dropout[name]
+    if fp8_down and gated[1] == "down":
+        if handed is None or len(handed) != 3:
+            raise RuntimeError(f"{type(self).__name__}: gate's and up's outputs were not handed to down, whose "
+                               "backward must give their base products' input gradient")
+        result, low = fp8_mlp.gated_down(*handed, a, fused_lora.new_seed(x.device), drop.p, self.base_layer,
+                                         *(m.base_layer for m in gated[0].members[:2]))
+        return fused_lora.added_up(result, low, b, self.scaling[name])
+    result = self.base_layer(x.detach() if fp8_down else x)  # down's fp8_mlp.gated_down gives its gradient
     compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
     fused = compiled_training and getattr(self, "fused_kernels", True) and fused_lora.usable(x)
     if compiled_training and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
@@ -320,7 +328,7 @@ def _lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
         low = F.linear(drop(x), a.to(x.dtype))
     out = (fused_lora.added_up if fused else added_up_by_cublas)(result, low, b, self.scaling[name])
     if fused and gated is not None and gated[1] != "down":
-        gated[0].hand(gated[1], out)
+        gated[0].hand(gated[1], out, x if fp8_down else None)
     return out
 
 
@@ -376,18 +384,42 @@ class GatedMlp:
     In a compiled training forward on the fused path, gate and up hand their outputs to down, whose LoRA down
     projection then keeps those for its backward (the activation's own backward keeps them anyway) instead of its
     input silu(gate) * up, the widest tensor of a layer, and computes the input again from them as it reads them
-    (`fused_lora.gated_dropped_down`): 5.25 GiB less at 8B shapes, microbatch 3 (bench/PERF_NOTES.md)."""
+    (`fused_lora.gated_dropped_down`): 5.25 GiB less at 8B shapes, microbatch 3 (bench/PERF_NOTES.md).
 
-    def __init__(self) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
+    On an FP8 base (`fp8_down`) down goes further: it computes the activation itself from what gate and up hand it
+    (their outputs and x), and its backward takes the activation's gradient on to gate and up inside its LoRA
+    kernel and gives x the gradient of gate's and up's base products, which then run without a graph
+    (`fp8_mlp`)."""
 
-    def hand(self, role: str, out: torch.Tensor) -> None:
-        self.outputs[role] = out
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """gate's and up's outputs of this forward, if both were handed; holds nothing afterwards."""
+    def hand(self, role: str, out: torch.Tensor, x: torch.Tensor | None) -> None:
+        self.outputs[role] = (out, x)
+
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        """gate's and up's outputs of this forward, and their input if it was handed and is one tensor, if both
+        were handed; holds nothing afterwards."""
         gate, up = self.outputs.pop("gate", None), self.outputs.pop("up", None)
-        return None if gate is None or up is None else (gate, up)
+        if gate is None or up is None:
+            return None
+        return (gate[0], up[0]) if gate[1] is None or gate[1] is not up[1] else (gate[0], up[0], gate[1])
+
+    def fp8_down(self, name: str) -> bool:
+        """Whether this forward of adapter `name` runs down through `fp8_mlp.gated_down`: compiled training on the
+        fused kernels, FP8 bases without bias, plain adapters, and down's LoRA with dropout (its gated kernel).
+        The same answer for all three members, which each ask it."""
+        if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
+            return False
+        down = self.members[2]
+        drop = down.lora_dropout[name] if name in down.lora_dropout else None
+        return (fp8_mlp.serves(*(m.base_layer for m in self.members))
+                and isinstance(drop, nn.Dropout) and drop.training and drop.p > 0
+                and fused_lora.runs_on(down.base_layer.weight.device)
+                and all(m.in_features % fused_lora.GROUP == 0 and getattr(m, "fused_kernels", True)
+                        and not m.disable_adapters and not m.merged and m.active_adapters == [name] and _plain(m, name)
+                        for m in self.members))
 
 
 def _computes_gated_silu(mlp: nn.Module) -> bool:
@@ -405,7 +437,7 @@ def group_gated_mlps(model: nn.Module) -> None:
     for parent in model.modules():
         members = [getattr(parent, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if all(type(m) is LoraLinear for m in members) and _computes_gated_silu(parent):
-            group = GatedMlp()
+            group = GatedMlp(members)
             for m, role in zip(members, ("gate", "up", "down")):
                 m.gated_mlp = (group, role)
 

@@ -78,6 +78,36 @@ def test_gated_down_projection_computes_its_input_again_from_gate_and_up(m, k, r
         torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m,k,r,dtype", [(70, 136, 6, torch.float32), (96, 256, 8, torch.bfloat16)])
+def test_swiglu_backward_in_the_down_kernel_gives_gate_and_up_their_gradients(m, k, r, dtype):
+    """`swiglu_down_backward`: the LoRA gradient of the gated down projection plus the base product's share d,
+    taken through silu(gate) * up by the kernel, against torch's autograd of the same sum (same masks), and each
+    row's largest |gradient x weight scale| for the FP8 products of gate and up."""
+    torch.manual_seed(5)
+    p = 0.25
+    gate, up = (torch.randn(2, m, k).to(dtype).requires_grad_(True) for _ in range(2))
+    a = torch.randn(r, k, requires_grad=True)
+    d = torch.randn(2, m, k).to(dtype)
+    scales = torch.rand(2, k) + 0.5
+    seed = fused_lora.new_seed(gate.device)
+    act = (torch.nn.functional.silu(gate.float()) * up.float()).to(dtype)
+    low = fused_lora.gated_dropped_down(act, gate, up, a, seed, p)
+    g = torch.randn(low.shape).to(dtype)
+    gu, amax, ga = fused_lora.swiglu_down_backward(g, gate, up, d, a, seed, p, scales)
+
+    ref_gate, ref_up, ref_a = (t.detach().clone().requires_grad_(True) for t in (gate, up, a))
+    ref_act = torch.nn.functional.silu(ref_gate.float()) * ref_up.float()
+    ref_low = fused_lora.dropped_down(ref_act.to(dtype), ref_a, seed, p).float()
+    ((ref_low * g.float()).sum() + (ref_act * d.float()).sum()).backward()
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((gu[0], ref_gate.grad), (gu[1], ref_up.grad), (ga, ref_a.grad)):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got.float(), want.float(), rtol=rel, atol=rel * want.abs().max().item())
+    for i in range(2):  # the maxima of what the kernel wrote, exactly
+        want = (gu[i].reshape(-1, k).float() * scales[i]).abs().amax(dim=-1, keepdim=True)
+        torch.testing.assert_close(amax[i], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("m,n,r,dtype", [
     (70, 200, 6, torch.float32),      # rows, columns and rank not multiples of a tile
     (33, 136, 24, torch.float32),     # a rank over 16
@@ -290,27 +320,31 @@ def test_targets_sharing_an_input_run_one_kernel_and_give_what_each_alone_gives(
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
 
 
-def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(fp8, tiny_llama, monkeypatch):
     """A compiled Llama stage: down's LoRA reads silu(gate) * up, and its backward computes that again from gate
     and up (kept for the activation's backward anyway) instead of keeping it. Same masks, so the step gives the
     loss and every LoRA gradient of the step where down keeps its input, and its graphs keep one activation-sized
-    tensor a layer less."""
+    tensor a layer less. On an FP8 base down computes the activation itself, and its kernel's backward carries the
+    activation's gradient on to gate and up (fp8_mlp): the same loss and gradients again, with the same FP8
+    roundings (the kernel finds the rows' maxima the products' quantization would)."""
     from family_check import LORA, batch
     from merak_lora.config import Config
     from merak_lora.layout import init_distributed
     from merak_lora.plan import build_stages, make_plan
+    from merak_lora.quant import Fp8
     from merak_lora.schedule import Pipeline, TokenLoss
 
     cfg = Config(model_path=tiny_llama, compile=True, seed=3)
     plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 0.25})
     layout = init_distributed(1, 1, False, "cpu")
-    stage = build_stages(cfg, plan, layout)[0].train()
+    stage = build_stages(cfg, plan, layout, Fp8(torch.float32) if fp8 else None)[0].train()
     gated = []
     real = fused_lora.launch_down_backward
 
     def launch(*args, **kw):
-        gated.append(kw.get("up2") is not None)
-        real(*args, **kw)
+        gated.append((kw.get("up2") is not None, kw.get("swiglu") is not None))
+        return real(*args, **kw)
     monkeypatch.setattr(fused_lora, "launch_down_backward", launch)
     b = batch(tiny_llama, rows=2, seq=16)
     pipe = Pipeline([stage], layout, "1f1b", 1, TokenLoss(), plan.hidden_size, plan.vocab_size, torch.float32)
@@ -325,7 +359,7 @@ def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(tiny_llama, mon
         kept = []
 
         def pack(t):
-            kept.append(t.shape[-1] == width and t.dtype.is_floating_point)
+            kept.append(t.shape[-1] == width and t.dtype in (torch.float32, torch.bfloat16))
             return t
         torch.manual_seed(11)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -335,13 +369,14 @@ def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(tiny_llama, mon
     torch._dynamo.reset()
     loss, grads, kept = step()
     layers = len(stage.layers())
-    assert sorted(gated) == [False] * 3 * layers + [True] * layers
+    assert sorted(gated) == [(False, False)] * 3 * layers + [(True, fp8)] * layers
     for mod in stage.model.modules():
         mod.__dict__.pop("gated_mlp", None)
     torch._dynamo.reset()
     alone_loss, alone, alone_kept = step()
-    assert not any(gated)
-    assert kept == alone_kept - layers
+    assert not any(up for up, _ in gated)
+    if not fp8:
+        assert kept == alone_kept - layers
     torch.testing.assert_close(loss, alone_loss, rtol=1e-6, atol=0)
     for g, want in zip(grads, alone):
         assert g.abs().max() > 0
