@@ -9,7 +9,8 @@ backward writes only the input gradient. The mask is a function of (seed, row, c
 backward and `dropout_mask` agree whatever their tiling. Targets that read one input (q, k, v; gate, up:
 `lora.SharedInput`) share one kernel, one seed each: x is read once, and the backward writes their summed input
 gradient once. A gated MLP's down projection (`lora.GatedMlp`) keeps gate and up, which the activation's backward
-keeps anyway, instead of its input silu(gate) * up, and its backward forms that input again from them.
+keeps anyway, instead of its input silu(gate) * up, and its backward forms that input again from them; on an FP8
+base that backward also takes the activation's gradient on to gate and up (`swiglu_down_backward`, for `fp8_mlp`).
 
 The up projection is added to the base output in one pass, and its backward reads the output gradient once for both
 B's gradient and the low-rank one. cuBLAS's addmm and its backward's two thin products of rank 8 ran at 40-44% of
@@ -342,6 +343,9 @@ class Tiles:
     up_back_bn: int = 128
     up_back_warps: int = 4
     up_programs_per_sm: int = 4
+    # the down backward's SwiGLU variant (fp8_mlp) holds 168 registers a thread, so 3 programs fit a multiprocessor:
+    # 6 a multiprocessor makes two nearly whole waves where 8 made 2.55 (648 against 740 us at 8192 x 14336)
+    swiglu_programs_per_sm: int = 6
 
 
 TILES = Tiles()
@@ -402,7 +406,8 @@ def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx
     threshold, scale = _threshold(p)
     bk = _columns(tiles.back_bk, targets)
     col_blocks = triton.cdiv(k, bk)
-    rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm, tiles.programs_per_sm)
+    rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm,
+                                         tiles.swiglu_programs_per_sm if swiglu else tiles.programs_per_sm)
     # per column block, so that no two programs write one maximum (then the largest over the blocks)
     maxima = torch.empty(2, col_blocks, m, dtype=torch.float32, device=x2.device) if swiglu else ga
     on = swiglu or SwiGlu(x2, ga)  # unread without SWIGLU
