@@ -321,7 +321,7 @@ def test_targets_sharing_an_input_run_one_kernel_and_give_what_each_alone_gives(
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(fp8, tiny_llama, monkeypatch):
+def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(fp8, tmp_path, monkeypatch):
     """A compiled Llama stage: down's LoRA reads silu(gate) * up, and its backward computes that again from gate
     and up (kept for the activation's backward anyway) instead of keeping it. Same masks, so the step gives the
     loss and every LoRA gradient of the step where down keeps its input, and its graphs keep one activation-sized
@@ -334,7 +334,9 @@ def test_a_gated_mlp_keeps_gate_and_up_instead_of_its_activation(fp8, tiny_llama
     from merak_lora.plan import build_stages, make_plan
     from merak_lora.quant import Fp8
     from merak_lora.schedule import Pipeline, TokenLoss
+    from merak_lora.tiny import make_tiny_model
 
+    tiny_llama = make_tiny_model(str(tmp_path), "llama", num_layers=2)  # each layer's kernels run interpreted
     cfg = Config(model_path=tiny_llama, compile=True, seed=3)
     plan = make_plan(cfg, 1, {**LORA, "lora_dropout": 0.25})
     layout = init_distributed(1, 1, False, "cpu")
