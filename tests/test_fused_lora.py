@@ -179,19 +179,37 @@ def test_the_eight_elements_of_one_random_draw_are_not_alike():
         assert abs(agree - 0.5) < 0.03, (lane, agree)
 
 
-def _mlp() -> torch.nn.Module:
-    """transformers' LlamaMLP, small: gate and up read one input (one shared down-projection kernel), down its own,
-    whose backward forms its input again from gate's and up's outputs (lora.GatedMlp)."""
+def _mlp(fp8: bool = False) -> torch.nn.Module:
+    """transformers' LlamaMLP, small, after a norm: gate and up read one input (one shared down-projection kernel),
+    down its own, whose backward forms its input again from gate's and up's outputs (lora.GatedMlp); with `fp8`,
+    the MLP's linears FP8 without bias (fp8_mlp)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
-    return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
-                                hidden_act="silu", mlp_bias=True))
+
+    from merak_lora.fp8 import Fp8Linear
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                               hidden_act="silu", mlp_bias=not fp8))
+    for name in ("gate_proj", "up_proj", "down_proj") if fp8 else ():
+        setattr(mlp, name, Fp8Linear.from_weight(getattr(mlp, name).weight.detach(), None, torch.device("cpu"),
+                                                 torch.float32))
+    return _Normed(mlp)
 
 
-def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks(monkeypatch):
+class _Normed(torch.nn.Module):
+    def __init__(self, mlp: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm, self.mlp = torch.nn.LayerNorm(16), mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks(fp8, monkeypatch):
     """--compile with --gradient_checkpointing: the compiled layer runs again in the backward, drawing its seeds
     (two at once for gate and up, one for down) from the RNG state the checkpoint restores, and handing gate's and
-    up's outputs to down again, so every gradient equals the run that kept its activations."""
+    up's outputs (on an FP8 base, and their input) to down again, so every gradient equals the run that kept its
+    activations."""
     from peft import LoraConfig
 
     from merak_lora.lora import apply_lora, group_gated_mlps, group_shared_inputs
@@ -201,12 +219,13 @@ def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks(monkeyp
     real, real_back = fused_lora.launch_down, fused_lora.launch_down_backward
     monkeypatch.setattr(fused_lora, "launch_down", lambda *a, **kw: (seeds.append(a[3].numel()), real(*a, **kw))[1])
     monkeypatch.setattr(fused_lora, "launch_down_backward",
-                        lambda *a, **kw: (gated.append(kw.get("up2") is not None), real_back(*a, **kw))[1])
+                        lambda *a, **kw: (gated.append((kw.get("up2") is not None, kw.get("swiglu") is not None)),
+                                          real_back(*a, **kw))[1])
     torch._dynamo.reset()
     grads = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = apply_lora(_mlp(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False,
+        model = apply_lora(_mlp(fp8), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False,
                                               target_modules=["gate_proj", "up_proj", "down_proj"]), seed=0)
         group_shared_inputs(model)
         group_gated_mlps(model)
@@ -220,7 +239,7 @@ def test_a_checkpointed_compiled_layer_recomputes_with_the_forward_masks(monkeyp
         gated.clear()
         run(x).square().sum().backward()
         assert sorted(seeds) == ([1, 1, 2, 2] if recompute else [1, 2])
-        assert sorted(gated) == [False, True]
+        assert sorted(gated) == [(False, False), (True, fp8)]
         grads.append([x.grad] + [p.grad for n, p in model.named_parameters() if "lora_" in n])
     for plain, again in zip(*grads):
         torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-6)
