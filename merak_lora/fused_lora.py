@@ -408,11 +408,12 @@ def launch_down_backward(g2: torch.Tensor, x2: torch.Tensor, a: torch.Tensor, gx
     col_blocks = triton.cdiv(k, bk)
     rows_per_program = _rows_per_program(x2.device, m, col_blocks, tiles.back_bm,
                                          tiles.swiglu_programs_per_sm if swiglu else tiles.programs_per_sm)
-    # per column block, so that no two programs write one maximum (then the largest over the blocks)
+    # per column block, so that no two programs write one maximum (then the largest over the blocks); without
+    # SWIGLU the kernel reads none of the three, and gets tensors it has anyway
     maxima = torch.empty(2, col_blocks, m, dtype=torch.float32, device=x2.device) if swiglu else ga
-    on = swiglu or SwiGlu(x2, ga)  # unread without SWIGLU
+    d2, weight_scales = (swiglu.d2, swiglu.weight_scales) if swiglu else (x2, ga)
     _launch(_down_backward_kernel, x2)[(col_blocks, triton.cdiv(m, rows_per_program))](
-        g2, x2, x2 if up2 is None else up2, a, gx, ga, seed, on.d2, maxima, on.weight_scales, m, k,
+        g2, x2, x2 if up2 is None else up2, a, gx, ga, seed, d2, maxima, weight_scales, m, k,
         a.shape[0] // targets, x2.stride(0), a.stride(0), rows_per_program, threshold, scale, WANT_GX=want_gx,
         T=targets, GATED=up2 is not None, SWIGLU=swiglu is not None, BM=tiles.back_bm, BK=bk,
         RP=_rank_pad(a.shape[0] // targets), num_warps=tiles.back_warps, **_dot_options(x2))
@@ -513,11 +514,11 @@ def swiglu_down_backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
     x2, u2, d2 = _rows(gate), _rows(up), _rows(d)
     m, k = x2.shape
     gu = torch.empty(2, m, k, dtype=gate.dtype, device=gate.device)
-    amax = torch.zeros(2, m, 1, dtype=torch.float32, device=gate.device)
     ga = torch.zeros(a.shape[0], k, dtype=torch.float32, device=gate.device)
-    if m:
-        amax = launch_down_backward(g.reshape(m, a.shape[0]).contiguous(), x2, a, gu, ga, seed, p, True, up2=u2,
-                                    swiglu=SwiGlu(d2, weight_scales.float().contiguous()))
+    if not m:
+        return gu.view(2, *gate.shape), torch.zeros(2, 0, 1, dtype=torch.float32, device=gate.device), ga.to(a.dtype)
+    amax = launch_down_backward(g.reshape(m, a.shape[0]).contiguous(), x2, a, gu, ga, seed, p, True, up2=u2,
+                                swiglu=SwiGlu(d2, weight_scales.float().contiguous()))
     return gu.view(2, *gate.shape), amax, ga.to(a.dtype)
 
 
@@ -619,9 +620,10 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
     """Why the kernels cannot be trusted on `device` for activations of `dtype` and adapters of `rank` (they
     raise, or their outputs or gradients on an [m, k] problem differ from torch's with the same masks), or None: one
     target's two halves, the down projection of three targets sharing an input, A's gradient through a gated
-    activation, and the gradients for gate and up through it (`swiglu_down_backward`). A Triton build that miscompiles them gives wrong adapter gradients rather than an error
-    (bench/PERF_NOTES.md records such a fault in a variant of the backward, on an H100 only), so a stage checks once
-    before it trains. Draws nothing from the device's generator: the masks of the run stay as they were."""
+    activation, and the gradients for gate and up through it (`swiglu_down_backward`). A Triton build that
+    miscompiles them gives wrong adapter gradients rather than an error (bench/PERF_NOTES.md records such a fault
+    in a variant of the backward, on an H100 only), so a stage checks once before it trains. Draws nothing from the
+    device's generator: the masks of the run stay as they were."""
     p, scale = 0.25, 4.0  # p a multiple of 2**-16: the kernels' dropout scale is exactly 1 / (1 - p)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype).requires_grad_(True)
@@ -666,7 +668,8 @@ def disagreement(device: torch.device, dtype: torch.dtype, rank: int, m: int = 4
                                 "shared-input output", "shared-input input gradient", "shared-input A gradient",
                                 "gated-input A gradient", "gate gradient through the SwiGLU",
                                 "up gradient through the SwiGLU"),
-                               got + got_shared + (gated, *through), wanted + wanted_shared + (gated_ref, *through_ref)):
+                               got + got_shared + (gated, *through),
+                               wanted + wanted_shared + (gated_ref, *through_ref)):
         err = ((mine.float() - ref).abs().max() / ref.abs().max()).item()
         if not err < 2e-2:  # bf16: a few roundings of the result, 2**-8 each
             return f"its {what} is off torch's by {err:.3g} of the largest entry"
