@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--compile", default="false",
                     help="add rows with each stage's one-token step compiled (gen.sh --compile true)")
     ap.add_argument("--load_in_4bit", default="false", help="the base in 4 bits (bitsandbytes NF4), as gen.sh")
+    ap.add_argument("--apart", default="false",
+                    help="add rows with the linears that read one input run one by one (shared_products.py off)")
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
@@ -123,15 +125,20 @@ def main() -> None:
     fast = gen.static
     graphs = ", CUDA graphs" if torch.cuda.is_available() else ""
     compiled = [False, True] if a.compile == "true" else [False]
-    variants = [(f"static cache{graphs}", True, False, c) for c in compiled] if fast else []
-    variants.append(("growing cache, no graphs", False, False, False))
+    joined = [True, False] if a.apart == "true" else [True]
+    variants = [(f"static cache{graphs}", True, False, c, j) for c in compiled for j in joined] if fast else []
+    variants.append(("growing cache, no graphs", False, False, False, True))
     if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
-        variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c) for c in compiled]
-    for label, static, merge, compile_step in variants:
+        variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c, j)
+                     for c in compiled for j in joined]
+    groups = [m.shared_products[0] for st in gen.stages for m in st.model.modules() if hasattr(m, "shared_products")]
+    for label, static, merge, compile_step, join in variants:
         if merge and not gen.merged:
             gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
         gen.static, gen.graphs, gen.compiled = static, static and torch.cuda.is_available(), compile_step
-        label += ", one-token step compiled" if compile_step else ""
+        for group in groups:
+            group.on = join
+        label += (", one-token step compiled" if compile_step else "") + ("" if join else ", linears apart")
         # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process;
         # the compiled step compiles here (its time is noted)
         warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
@@ -149,11 +156,14 @@ def main() -> None:
                      f"{', LoRA r=8' if meta else ''}", a.batch, a.new, f"{ours_s:.2f}",
                      f"{a.batch * a.new / ours_s:,.0f}", f"{ttft:.3f}"])
         print(" | ".join(map(str, rows[-1])), flush=True)  # a run cut short keeps the rows it made
-        if compile_step:
+        if compile_step and join:
             plain = answers[label.removesuffix(", one-token step compiled")]
             notes.append(f"'{label}': the same {a.new} greedy tokens as without compiling for "
                          f"{agreement(answers[label], plain)}.")
-        if static and not merge and not compile_step and torch.cuda.is_available():
+        if not join:
+            notes.append(f"'{label}': the same {a.new} greedy tokens as with the linears joined for "
+                         f"{agreement(answers[label], answers[label.removesuffix(', linears apart')])}.")
+        if static and not merge and not compile_step and join and torch.cuda.is_available():
             notes += graph_check(gen, prompts, (True, False) if meta else (True,))
     gen.close()
     if torch.cuda.is_available():

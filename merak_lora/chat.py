@@ -286,6 +286,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     from .lora import adapter_params, adapters_in_dtype, merge_for_generation
     from .models import NO_PIPELINE_GENERATION
     from .plan import build_stages, compute_dtype, make_plan
+    from .shared_products import group_for_generation
 
     pp = cfg.pp or world
     chunks = cfg.chunks_per_rank()
@@ -326,6 +327,8 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     if not gen.merged:
         for s in stages:
             adapters_in_dtype(s.model, compute_dtype(cfg))
+    for s in stages:
+        group_for_generation(s.model)
     return gen, tokenizer, layout
 
 

@@ -1,0 +1,201 @@
+"""Generation's linears that read one input, run as one product: attention's q, k and v, the MLP's gate and up.
+
+Decoding a token multiplies one row by every weight, so each linear is a thin product whose time is mostly its
+launch and its tail, and with LoRA kept apart (`--compare_base`, a 4-bit base, several adapters) each target adds
+its own two thin products, a cast and an add. Here the base weights of such a group are laid side by side in one
+buffer, each member keeping a view of its rows (no second copy), and the first member to see an input computes
+all the members' outputs for it: one base product (bitsandbytes' 4-bit or a plain linear), one down projection
+through the members' A matrices stacked, one up projection through their B matrices set block-diagonally (the
+zeros add exact zeros), each term in the dtype the member's own forward uses. The others take their columns.
+
+Only without gradients (generation): the stacked adapter tensors are copies taken when the group is made, which
+training would leave behind. A member called with another input, with arguments, or with its adapter in a state
+the group was not made for (merged apart from the others, a PEFT variant, several active) runs its own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from .lora import SHARED_INPUTS, _plain
+
+
+class SharedProducts:
+    """One group's side-by-side base weight, its stacked adapters, and the outputs not yet taken."""
+
+    def __init__(self, members: list[LoraLinear], base_product, names: list[str]) -> None:
+        self.members = members
+        self.base_product = base_product  # x -> every member's base output, side by side
+        self.sizes = [m.out_features for m in members]
+        self.adapters = {name: _stacked(members, name) for name in names}
+        self.on = True  # bench/decode.py compares with the members' own forwards
+        self.x: torch.Tensor | None = None
+        self.outs: list[torch.Tensor | None] = [None] * len(members)
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member i's output for x, or None when it must compute it alone."""
+        if self.x is not x or self.outs[i] is None:
+            adapter = self._adapter(x)
+            if adapter is None:
+                return None
+            self.x, self.outs = x, list(self._all(x, adapter).split(self.sizes, dim=-1))
+        out, self.outs[i] = self.outs[i], None
+        if all(o is None for o in self.outs):
+            self.x = None  # all taken: hold nothing past this layer
+        return out
+
+    def _adapter(self, x: torch.Tensor) -> str | bool | None:
+        """The adapter all members add now (False: none, the base alone), or None if the group cannot serve."""
+        if not self.on or torch.is_grad_enabled():
+            return None
+        states = {(m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self.members}
+        if len(states) != 1:
+            return None
+        disabled, merged, active = states.pop()
+        if disabled:
+            return False if not merged else None  # PEFT's own forward unmerges first
+        if merged:
+            return False
+        if len(active) != 1:
+            return None
+        if active[0] in self.adapters:
+            return active[0]
+        return False if not any(active[0] in m.lora_A for m in self.members) else None  # none holds it: the base
+
+    def _all(self, x: torch.Tensor, adapter: str | bool) -> torch.Tensor:
+        out = self.base_product(x)
+        if adapter is False:
+            return out
+        a, b, scale = self.adapters[adapter]
+        low = F.linear(x, a.to(x.dtype))  # as `lora._lora_linear_forward`: one addmm in x's dtype, scaled by alpha
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(x.dtype).t(),
+                           alpha=scale).view_as(out)
+
+
+def _stacked(members: list[LoraLinear], name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Adapter `name`'s A matrices stacked, its B matrices block-diagonal, and the one scale (folded into B
+    where the members' scales differ). A member without this adapter adds a zero block."""
+    with torch.no_grad():
+        pairs = [(m.lora_A[name].weight, m.lora_B[name].weight) if name in m.lora_A else None for m in members]
+        ref = next(p for p in pairs if p is not None)[0]
+        ranks = [p[0].shape[0] if p else 0 for p in pairs]
+        a = torch.zeros(sum(ranks), ref.shape[1], dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(sum(m.out_features for m in members), sum(ranks), dtype=ref.dtype, device=ref.device)
+        scales = {m.scaling[name] for m in members if name in m.lora_A}
+        row = col = 0
+        for m, p, r in zip(members, pairs, ranks):
+            if p is not None:
+                a[col:col + r] = p[0]
+                b[row:row + m.out_features, col:col + r] = p[1] * (1.0 if len(scales) == 1 else m.scaling[name])
+            row, col = row + m.out_features, col + r
+    return a, b, scales.pop() if len(scales) == 1 else 1.0
+
+
+def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    group, i = self.shared_products
+    out = None if args or kwargs else group.output(i, x)
+    return self.forward_alone(x, *args, **kwargs) if out is None else out
+
+
+def _kind(m: nn.Module) -> str | None:
+    """'linear' or '4bit' for a LoRA linear whose base the group can lay side by side, else None."""
+    if type(m) is not LoraLinear:
+        return None
+    base = type(m.get_base_layer())
+    if base is nn.Linear:
+        return "linear"
+    return "4bit" if base.__module__.startswith("bitsandbytes") and base.__name__ == "Linear4bit" else None
+
+
+def _plain_adapters(members: list[LoraLinear]) -> list[str] | None:
+    """The adapter names every member holds as a plain A, B pair, or None if any member holds another kind."""
+    names = {n for m in members for n in m.lora_A}
+    if any(n in m.lora_A and not _plain(m, n) for m in members for n in names):
+        return None
+    return sorted(n for n in names if any(n in m.lora_A for m in members))
+
+
+def _side_by_side_linear(bases: list[nn.Linear]):
+    with torch.no_grad():
+        weight = torch.cat([b.weight for b in bases])
+        bias = torch.cat([b.bias for b in bases]) if bases[0].bias is not None else None
+        row = 0
+        for base in bases:
+            n = base.out_features
+            base.weight.data = weight[row:row + n]
+            if bias is not None:
+                base.bias.data = bias[row:row + n]
+            row += n
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _side_by_side_4bit(bases: list[nn.Module]):
+    """The packed codes and their per-block scales concatenated (rows are whole blocks, so the flat layouts
+    join); scales quantized a second time (double quant) are expanded to float32 first, as the product would
+    expand them on every call."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    states = [b.weight.quant_state for b in bases]
+    compute = bases[0].compute_dtype or states[0].dtype
+    with torch.no_grad():
+        scales = [bf.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested else s.absmax for s in states]
+        codes, absmax = torch.cat([b.weight.data.view(-1) for b in bases]), torch.cat(scales)
+        bias = torch.cat([b.bias for b in bases]).to(compute) if bases[0].bias is not None else None
+        shape = torch.Size([sum(b.out_features for b in bases), bases[0].in_features])
+        joint = bf.QuantState(absmax=absmax, shape=shape, code=states[0].code, blocksize=states[0].blocksize,
+                              quant_type=states[0].quant_type, dtype=states[0].dtype)
+        at = blocks = 0
+        for base, state, scale in zip(bases, states, scales):
+            base.weight.data = codes[at:at + base.weight.data.numel()].view(base.weight.data.shape)
+            state.absmax = absmax[blocks:blocks + scale.numel()]
+            state.nested, state.state2, state.offset = False, None, None
+            at, blocks = at + base.weight.data.numel(), blocks + scale.numel()
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        return bnb.matmul_4bit(x.to(compute), codes, quant_state=joint, bias=bias).to(x.dtype)
+    return product
+
+
+def _joinable(kind: str, bases: list[nn.Module]) -> bool:
+    first = bases[0]
+    if len({b.in_features for b in bases}) != 1 or len({b.bias is None for b in bases}) != 1:
+        return False
+    if kind == "linear":
+        return len({(b.weight.dtype, b.weight.device) for b in bases}) == 1 and all(
+            b.bias is None or b.bias.dtype == first.weight.dtype for b in bases)
+    states = [b.weight.quant_state for b in bases]
+    same = {(s.quant_type, s.blocksize, s.dtype, b.compute_dtype, b.weight.device) for b, s in zip(bases, states)}
+    return (len(same) == 1 and first.in_features % states[0].blocksize == 0
+            and not any(getattr(s, "packing_format_for_cpu", False) for s in states))
+
+
+def group_for_generation(model: nn.Module) -> list[SharedProducts]:
+    """Give each group of LoRA linears that one module feeds one input (`lora.SHARED_INPUTS`) a SharedProducts,
+    where their bases are of one kind and join (same input width, dtype, 4-bit format, bias or none). For a
+    process that only generates: afterwards the members' weights are views of their group's."""
+    groups = []
+    for parent in model.modules():
+        for role_names in SHARED_INPUTS:
+            members = [m for m in (getattr(parent, n, None) for n in role_names) if m is not None]
+            kinds = {_kind(m) for m in members}
+            if len(members) < 2 or len(kinds) != 1 or None in kinds:
+                continue
+            kind = kinds.pop()
+            bases = [m.get_base_layer() for m in members]
+            names = _plain_adapters(members)
+            if names is None or not _joinable(kind, bases):
+                continue
+            product = (_side_by_side_linear if kind == "linear" else _side_by_side_4bit)(bases)
+            group = SharedProducts(members, product, names)
+            for i, m in enumerate(members):
+                m.forward_alone = m.forward
+                m.shared_products = (group, i)
+                m.forward = types.MethodType(_grouped_forward, m)
+            groups.append(group)
+    return groups
