@@ -10,7 +10,8 @@ zeros add exact zeros), each term in the dtype the member's own forward uses. Th
 
 Only without gradients (generation): the stacked adapter tensors are copies taken when the group is made, which
 training would leave behind. A member called with another input, with arguments, or with its adapter in a state
-the group was not made for (merged apart from the others, a PEFT variant, several active) runs its own forward.
+the group cannot serve (merged apart from the others, several adapters active) runs its own forward; linears with
+a PEFT variant (DoRA) or bases that do not join (8-bit, FP8, another width or format) are not grouped.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _kind(m: nn.Module) -> str | None:
 
 
 def _plain_adapters(members: list[LoraLinear]) -> list[str] | None:
-    """The adapter names every member holds as a plain A, B pair, or None if any member holds another kind."""
+    """The names of the adapters the members hold, or None if any of them is not a plain A, B pair."""
     names = {n for m in members for n in m.lora_A}
     if any(n in m.lora_A and not _plain(m, n) for m in members for n in names):
         return None

@@ -4,6 +4,7 @@ alone, for every adapter state, on a plain and a 4-bit base, without a second co
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from test_bench import NO_BNB
+NO_BNB = importlib.util.find_spec("bitsandbytes") is None
 
 
 def _model(dtype: torch.dtype, bias: bool = False) -> nn.Module:
