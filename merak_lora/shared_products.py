@@ -172,8 +172,12 @@ def _joinable(kind: str, bases: list[nn.Module]) -> bool:
             b.bias is None or b.bias.dtype == first.weight.dtype for b in bases)
     states = [b.weight.quant_state for b in bases]
     same = {(s.quant_type, s.blocksize, s.dtype, b.compute_dtype, b.weight.device) for b, s in zip(bases, states)}
-    return (len(same) == 1 and first.in_features % states[0].blocksize == 0
-            and not any(getattr(s, "packing_format_for_cpu", False) for s in states))
+    # bitsandbytes repacks a 4-bit layer for AVX512-BF16 CPUs at its first forward without gradients (scales in
+    # bf16, another code layout), after the group copied its codes: such layers stay apart
+    repacks = first.weight.device.type == "cpu" and any(getattr(b, "support_avx512bf16_for_cpu", False) or
+                                                         getattr(s, "packing_format_for_cpu", False)
+                                                         for b, s in zip(bases, states))
+    return len(same) == 1 and first.in_features % states[0].blocksize == 0 and not repacks
 
 
 def group_for_generation(model: nn.Module) -> list[SharedProducts]:

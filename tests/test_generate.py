@@ -3,6 +3,7 @@ interactive chat through a pipe, and --compare_base showing what fine-tuning cha
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -67,7 +68,7 @@ def _ids(model: str) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def _hf_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+def _hf_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int, quantization=None) -> list[list[int]]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +76,7 @@ def _hf_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int) 
     from merak_lora.generate import left_pad
 
     tok = AutoTokenizer.from_pretrained(model)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, quantization_config=quantization)
     peft_model = PeftModel.from_pretrained(base, export_adapter(ckpt, ckpt + "-peft")).eval()
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
@@ -94,6 +95,22 @@ def test_pipeline_greedy_equals_transformers_generate(tiny_llama, memorised, pp)
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise the left padding"
     tuned, base = run_ranks(_pipeline_generate, pp, tiny_llama, ckpt, prompts, 24, {})[0]
     reference = _hf_generate(tiny_llama, ckpt, prompts, 24)
+    assert tuned == reference
+    assert tuned != base, "the adapter changed no token, so the comparison would prove little"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_four_bit_pipeline_greedy_equals_transformers_generate(tiny_llama, memorised):
+    """Two stages on a 4-bit base (q, k, v and gate, up joined: shared_products.py) answer as transformers'
+    generate() with PEFT on the same NF4 base, double-quantized scales included."""
+    from transformers import BitsAndBytesConfig
+    ckpt, _ = memorised
+    prompts = _ids(tiny_llama)
+    flags = dict(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="float32")
+    tuned, base = run_ranks(_pipeline_generate, 2, tiny_llama, ckpt, prompts, 24, flags)[0]
+    reference = _hf_generate(tiny_llama, ckpt, prompts, 24, BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
     assert tuned == reference
     assert tuned != base, "the adapter changed no token, so the comparison would prove little"
 
