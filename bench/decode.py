@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--compile", default="false",
                     help="add rows with each stage's one-token step compiled (gen.sh --compile true)")
     ap.add_argument("--load_in_4bit", default="false", help="the base in 4 bits (bitsandbytes NF4), as gen.sh")
+    ap.add_argument("--fused", default="true",
+                    help="add a row with merak-lora's fused one-token step (fused_decode.py; gen.sh's default where "
+                         "the model allows it; the other rows run the transformers layers)")
     ap.add_argument("--apart", default="false",
                     help="add rows with the linears that read one input run one by one (shared_products.py off)")
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
@@ -126,16 +129,22 @@ def main() -> None:
     graphs = ", CUDA graphs" if torch.cuda.is_available() else ""
     compiled = [False, True] if a.compile == "true" else [False]
     joined = [True, False] if a.apart == "true" else [True]
-    variants = [(f"static cache{graphs}", True, False, c, j) for c in compiled for j in joined] if fast else []
-    variants.append(("growing cache, no graphs", False, False, False, True))
+    fused_rows = fast and a.fused == "true" and torch.cuda.is_available()  # its kernels run on CUDA
+    variants = [(f"static cache{graphs}, fused step", True, False, False, True, True)] if fused_rows else []
+    variants += [(f"static cache{graphs}", True, False, c, j, False) for c in compiled for j in joined] if fast else []
+    variants.append(("growing cache, no graphs", False, False, False, True, False))
     if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
-        variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c, j)
+        variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c, j, False)
                      for c in compiled for j in joined]
+        if fused_rows:
+            variants.append((f"static cache{graphs}, adapter merged into the base, fused step", True, True, False,
+                             True, True))
     groups = [m.shared_products[0] for st in gen.stages for m in st.model.modules() if hasattr(m, "shared_products")]
-    for label, static, merge, compile_step, join in variants:
+    for label, static, merge, compile_step, join, fused in variants:
         if merge and not gen.merged:
             gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
         gen.static, gen.graphs, gen.compiled = static, static and torch.cuda.is_available(), compile_step
+        gen.fused = fused
         for group in groups:
             group.on = join
         label += (", one-token step compiled" if compile_step else "") + ("" if join else ", linears apart")
@@ -143,6 +152,8 @@ def main() -> None:
         # the compiled step compiles here (its time is noted)
         warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
         ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
+        if fused and gen.fused_notes:
+            raise SystemExit(f"the fused row ran the transformers layers: {sorted(gen.fused_notes)}")
         if compile_step:  # then a request of other lengths: whether the compiled step is used as it is
             other = timed(lambda: gen.generate([p[:-16] for p in prompts], Sampling(max_new_tokens=a.new - 16)))
             notes.append(f"First request of the compiled row '{label}' (compiling included): {warm:.1f} s. "
@@ -164,7 +175,11 @@ def main() -> None:
             notes.append(f"'{label}': the same {a.new} greedy tokens as with the linears joined for "
                          f"{agreement(answers[label], answers[label.removesuffix(', linears apart')])}.")
         if static and not merge and not compile_step and join and torch.cuda.is_available():
-            notes += graph_check(gen, prompts, (True, False) if meta else (True,))
+            notes += [f"'{label}': {n}" for n in graph_check(gen, prompts, (True, False) if meta else (True,))]
+    fused_label, graphed_label = f"static cache{graphs}, fused step", f"static cache{graphs}"
+    if fused_label in answers and graphed_label in answers:
+        notes.append(f"'{fused_label}': the same {a.new} greedy tokens as the transformers layers' graphed step for "
+                     f"{agreement(answers[fused_label], answers[graphed_label])}.")
     gen.close()
     if torch.cuda.is_available():
         # the input embedding gives one row per token; every other weight (a tied head included) is read whole

@@ -318,6 +318,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
     gen = PipelineGenerator(stages, layout, tokenizer, plan.model_config, plan.hidden_size, compute_dtype(cfg),
                             names)
     gen.compiled = cfg.compile
+    gen.fused = gen.fused and cfg.fused_decode
     if cfg.compile:  # a compiled step per adapter setting, batch size and cache length (decode.py)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         log.info("--compile: each stage's one-token step compiles during the first answer of each new shape "

@@ -204,6 +204,9 @@ class GenConfig(Config):
                                 "every stage busy).", default=8)
     compare_base: bool = _help("Show the base model's answer beside the fine-tuned one (the adapter then stays "
                                "apart from the base weights instead of merged).", default=False)
+    fused_decode: bool = _help("Decode each token with merak-lora's own kernels between the products where the "
+                               "model allows (Llama, Mistral and Qwen2 layers, on CUDA); false keeps the "
+                               "transformers layers for every token.", default=True)
     adapter_path: str = _help("An exported PEFT adapter folder to answer with (one process).", default="")
     adapter_names: str = _help("A checkpoint of several adapters: answer with these (a,b), not all.", default="")
 

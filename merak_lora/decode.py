@@ -21,6 +21,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from .fused_decode import FusedStep
+
 log = logging.getLogger("merak_lora")
 
 
@@ -149,21 +151,39 @@ def cache_length(needed: int) -> int:
 
 
 class StageDecoder:
-    """One stage's forward for one request: eager for the prompt, graphed for each further token on CUDA,
-    compiled as well when the generator asks (`options.compiled`). A step that does not compile decodes
-    uncompiled with one warning, and `options.compiled` is turned off for the generator's later requests."""
+    """One stage's forward for one request: eager for the prompt, graphed for each further token on CUDA. Each
+    token runs merak-lora's fused step where the stage allows it (`options.fused`, fused_decode.py; the first
+    time a stage does not, rank 0's log says why), else the transformers layers, compiled as well when the
+    generator asks (`options.compiled`). A step that does not compile decodes uncompiled with one warning, and
+    `options.compiled` is turned off for the generator's later requests."""
 
     def __init__(self, stage, cache, options):
         self.stage, self.cache, self.options = stage, cache, options
         self.graphs = options.graphs and isinstance(cache, StaticStageCache)
         self.compiled = options.compiled and isinstance(cache, StaticStageCache)
+        self.fused: FusedStep | None | bool = options.fused  # True: not tried yet for this request
         self.graphed: GraphedStep | None = None
         self.tried = False  # whether the compiled step has run once (compiling) for this request
 
     def _step(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return stage_step(self.stage, self.cache, x, mask, positions)
 
+    def _fused_step(self, x: torch.Tensor) -> FusedStep | None:
+        if self.fused is True:
+            built = FusedStep.build(self.stage, self.cache, x.shape[0], self.options.act_dtype)
+            if isinstance(built, str):
+                if (self.stage.spec.index, built) not in self.options.fused_notes:
+                    self.options.fused_notes.add((self.stage.spec.index, built))
+                    log.info(f"stage {self.stage.spec.index}: decoding with the transformers layers, not the fused "
+                             f"step: {built}")
+                built = None
+            self.fused = built
+        return self.fused or None
+
     def _one_token(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_step(x)
+        if fused is not None:
+            return fused(x, mask, positions)
         if not self.compiled:
             return self._step(x, mask, positions)
         if self.tried:

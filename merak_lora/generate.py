@@ -24,6 +24,7 @@ from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogit
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, cache_length, static_decoding
+from .decode_kernels import runs_on
 from .layout import Layout, rank_of_stage
 from .lora import AdapterSwitch, adapters_off
 from .stage import Stage
@@ -161,6 +162,8 @@ class PipelineGenerator:
         self.graphs = self.static and layout.device.type == "cuda"
         self.merged = False  # the adapter folded into the base weights (lora.merge_for_generation)
         self.compiled = False  # the one-token step of each stage compiled (decode.compiled_stage_step)
+        self.fused = runs_on(layout.device)  # merak-lora's own one-token step where a stage allows (fused_decode.py)
+        self.fused_notes: set = set()  # (stage, reason) already logged for stages that keep the transformers step
         # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once;
         # not for models that keep decoding state in their own modules (transformers marks them `_is_stateful`:
         # RecurrentGemma), which one group would overwrite for another

@@ -41,7 +41,7 @@ class SharedProducts:
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member i's output for x, or None when it must compute it alone."""
         if self.x is not x or self.outs[i] is None:
-            adapter = self._adapter(x)
+            adapter = self._adapter()
             if adapter is None:
                 return None
             self.x, self.outs = x, list(self._all(x, adapter).split(self.sizes, dim=-1))
@@ -50,23 +50,11 @@ class SharedProducts:
             self.x = None  # all taken: hold nothing past this layer
         return out
 
-    def _adapter(self, x: torch.Tensor) -> str | bool | None:
+    def _adapter(self) -> str | bool | None:
         """The adapter all members add now (False: none, the base alone), or None if the group cannot serve."""
         if not self.on or torch.is_grad_enabled():
             return None
-        states = {(m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self.members}
-        if len(states) != 1:
-            return None
-        disabled, merged, active = states.pop()
-        if disabled:
-            return False if not merged else None  # PEFT's own forward unmerges first
-        if merged:
-            return False
-        if len(active) != 1:
-            return None
-        if active[0] in self.adapters:
-            return active[0]
-        return False if not any(active[0] in m.lora_A for m in self.members) else None  # none holds it: the base
+        return serving(self.members, self.adapters)
 
     def _all(self, x: torch.Tensor, adapter: str | bool) -> torch.Tensor:
         out = self.base_product(x)
@@ -76,6 +64,25 @@ class SharedProducts:
         low = F.linear(x, a.to(x.dtype))  # as `lora._lora_linear_forward`: one addmm in x's dtype, scaled by alpha
         return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.to(x.dtype).t(),
                            alpha=scale).view_as(out)
+
+
+def serving(members: list[LoraLinear], held) -> str | bool | None:
+    """The one adapter the members add in their present state (False: none, the base alone), or None where they
+    disagree or add something `held` (the adapter names one can compute) does not cover: merged apart from the
+    others, several adapters active."""
+    states = {(m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in members}
+    if len(states) != 1:
+        return None
+    disabled, merged, active = states.pop()
+    if disabled:
+        return False if not merged else None  # PEFT's own forward unmerges first
+    if merged:
+        return False
+    if len(active) != 1:
+        return None
+    if active[0] in held:
+        return active[0]
+    return False if not any(active[0] in m.lora_A for m in members) else None  # none holds it: the base
 
 
 def _stacked(members: list[LoraLinear], name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -113,7 +120,7 @@ def _kind(m: nn.Module) -> str | None:
     return "4bit" if base.__module__.startswith("bitsandbytes") and base.__name__ == "Linear4bit" else None
 
 
-def _plain_adapters(members: list[LoraLinear]) -> list[str] | None:
+def plain_adapters(members: list[LoraLinear]) -> list[str] | None:
     """The names of the adapters the members hold, or None if any of them is not a plain A, B pair."""
     names = {n for m in members for n in m.lora_A}
     if any(n in m.lora_A and not _plain(m, n) for m in members for n in names):
@@ -135,32 +142,44 @@ def _side_by_side_linear(bases: list[nn.Linear]):
     return lambda x: F.linear(x, weight, bias)
 
 
-def _side_by_side_4bit(bases: list[nn.Module]):
-    """The packed codes and their per-block scales concatenated (rows are whole blocks, so the flat layouts
-    join); scales quantized a second time (double quant) are expanded to float32 first, as the product would
-    expand them on every call."""
-    import bitsandbytes as bnb
+class Joined4bit:
+    """Several 4-bit weights as one: the packed codes and their per-block scales concatenated (rows are whole
+    blocks, so the flat layouts join); scales quantized a second time (double quant) are expanded to float32
+    first, as the product would expand them on every call. Called, bitsandbytes' product of them all; its
+    tensors also serve the fused decode step (fused_decode.py)."""
+
+    def __init__(self, bases: list[nn.Module]):
+        import bitsandbytes.functional as bf
+
+        states = [b.weight.quant_state for b in bases]
+        self.compute = bases[0].compute_dtype or states[0].dtype
+        with torch.no_grad():
+            scales = [expanded_scales(s) for s in states]
+            self.codes, absmax = torch.cat([b.weight.data.view(-1) for b in bases]), torch.cat(scales)
+            self.bias = torch.cat([b.bias for b in bases]).to(self.compute) if bases[0].bias is not None else None
+            shape = torch.Size([sum(b.out_features for b in bases), bases[0].in_features])
+            self.state = bf.QuantState(absmax=absmax, shape=shape, code=states[0].code,
+                                       blocksize=states[0].blocksize, quant_type=states[0].quant_type,
+                                       dtype=states[0].dtype)
+            at = blocks = 0
+            for base, state, scale in zip(bases, states, scales):
+                base.weight.data = self.codes[at:at + base.weight.data.numel()].view(base.weight.data.shape)
+                state.absmax = absmax[blocks:blocks + scale.numel()]
+                state.nested, state.state2, state.offset = False, None, None
+                at, blocks = at + base.weight.data.numel(), blocks + scale.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+        return bnb.matmul_4bit(x.to(self.compute), self.codes, quant_state=self.state, bias=self.bias).to(x.dtype)
+
+
+def expanded_scales(state) -> torch.Tensor:
+    """A 4-bit weight's per-block scales in float32 (double-quantized ones expanded as bitsandbytes' product
+    expands them)."""
+    if not state.nested:
+        return state.absmax
     import bitsandbytes.functional as bf
-
-    states = [b.weight.quant_state for b in bases]
-    compute = bases[0].compute_dtype or states[0].dtype
-    with torch.no_grad():
-        scales = [bf.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested else s.absmax for s in states]
-        codes, absmax = torch.cat([b.weight.data.view(-1) for b in bases]), torch.cat(scales)
-        bias = torch.cat([b.bias for b in bases]).to(compute) if bases[0].bias is not None else None
-        shape = torch.Size([sum(b.out_features for b in bases), bases[0].in_features])
-        joint = bf.QuantState(absmax=absmax, shape=shape, code=states[0].code, blocksize=states[0].blocksize,
-                              quant_type=states[0].quant_type, dtype=states[0].dtype)
-        at = blocks = 0
-        for base, state, scale in zip(bases, states, scales):
-            base.weight.data = codes[at:at + base.weight.data.numel()].view(base.weight.data.shape)
-            state.absmax = absmax[blocks:blocks + scale.numel()]
-            state.nested, state.state2, state.offset = False, None, None
-            at, blocks = at + base.weight.data.numel(), blocks + scale.numel()
-
-    def product(x: torch.Tensor) -> torch.Tensor:
-        return bnb.matmul_4bit(x.to(compute), codes, quant_state=joint, bias=bias).to(x.dtype)
-    return product
+    return bf.dequantize_blockwise(state.absmax, state.state2).float() + state.offset
 
 
 def _joinable(kind: str, bases: list[nn.Module]) -> bool:
@@ -193,10 +212,10 @@ def group_for_generation(model: nn.Module) -> list[SharedProducts]:
                 continue
             kind = kinds.pop()
             bases = [m.get_base_layer() for m in members]
-            names = _plain_adapters(members)
+            names = plain_adapters(members)
             if names is None or not _joinable(kind, bases):
                 continue
-            product = (_side_by_side_linear if kind == "linear" else _side_by_side_4bit)(bases)
+            product = _side_by_side_linear(bases) if kind == "linear" else Joined4bit(bases)
             group = SharedProducts(members, product, names)
             for i, m in enumerate(members):
                 m.forward_alone = m.forward

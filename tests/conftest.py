@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 # path users' CPU runs take: the interpreter is thousands of times slower.
 os.environ["TRITON_INTERPRET"] = "1"
 import merak_lora.fused_lora  # noqa: E402,F401
+import merak_lora.decode_kernels  # noqa: E402,F401
 del os.environ["TRITON_INTERPRET"]
 SAMPLE = os.path.join(ROOT, "data", "sample.json")
 LORA_CONFIG = os.path.join(ROOT, "configs", "lora_config.json")
