@@ -51,6 +51,9 @@ def _reference(model_dir: str, b):
                            bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, device_map="cpu",
                                                 dtype=torch.float32)
+    for m in base.modules():  # AVX512-BF16 CPUs would repack the eval-mode base (scales in bf16): not the same math
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     model = get_peft_model(base, LoraConfig(**{**LORA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                           "gate_proj", "up_proj", "down_proj"]}))
     init_adapter(model, 3, False)
