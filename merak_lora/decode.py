@@ -90,8 +90,9 @@ def static_decoding(lm: torch.nn.Module, text_config) -> bool:
         source = inspect.getsource(type(lm.get_decoder()).forward)
     except (AttributeError, TypeError, OSError, ValueError, KeyError):
         return False
-    # position biases built from the 2-D mask (ALiBi: Bloom, MPT, Falcon) need that mask itself
-    return (all(type(layer) is StaticLayer for layer in layers) and "create_causal_mask(" in source
+    # position biases built from the 2-D mask (ALiBi: Bloom, MPT, Falcon) need that mask itself; some families pick
+    # create_causal_mask through a variable where no sliding window is set (Mistral, Mixtral, Phi-3, Qwen3-MoE)
+    return (all(type(layer) is StaticLayer for layer in layers) and "create_causal_mask" in source
             and "alibi" not in source.lower())
 
 

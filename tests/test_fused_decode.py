@@ -151,3 +151,48 @@ def test_fused_step_answers_as_the_transformers_layers(tiny_llama, memorised, ca
     assert answers[True, True] == answers[False, True]
     assert answers[True, False] == answers[False, False]
     assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
+
+
+def _random_adapter_answers(model: str) -> tuple[dict, int]:
+    """As `_answers`, for a model folder without a checkpoint: a fresh random adapter on every linear."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.fused_decode import FusedStep
+    meta = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"],
+                     "init_lora_weights": False}}
+    cfg = GenConfig(model_path=model, max_new_tokens=6, device="cpu", compare_base=True)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, meta, 1)
+    prompts = [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]]
+    calls = [0]
+    run = FusedStep.__call__
+
+    def counted(self, *args):
+        calls[0] += 1
+        return run(self, *args)
+    FusedStep.__call__ = counted
+    try:
+        answers = {}
+        for fused in (True, False):
+            gen.fused = fused
+            for adapter in (True, False):
+                answers[fused, adapter] = gen.generate(prompts, cfg.sampling(), adapter=adapter)
+    finally:
+        FusedStep.__call__ = run
+    return answers, calls[0]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_the_other_families_with_llama_layers(tmp_path, model_type):
+    """Qwen2 (biases on q, k and v) and Mistral (without a sliding window, as its v0.2 and later ship): the fused
+    step gives the transformers layers' tokens, adapter on and off."""
+    import json
+    from merak_lora.tiny import make_tiny_model
+    folder = make_tiny_model(str(tmp_path / model_type), model_type, num_layers=2)
+    config = json.load(open(f"{folder}/config.json"))
+    config["sliding_window"] = None
+    json.dump(config, open(f"{folder}/config.json", "w"))
+    answers, calls = _random_adapter_answers(folder)
+    assert calls == 2 * (6 - 1)
+    assert answers[True, True] == answers[False, True]
+    assert answers[True, False] == answers[False, False]
+    assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
