@@ -16,7 +16,8 @@ lengths, so prompt and tokens may come from either path. On CUDA it is replayed 
 
 Where it serves (`FusedStep.build` says why not, and the stage keeps the transformers step): model types whose
 decoder layer is Llama's (Llama, Mistral, Qwen2: RMSNorm, rotary attention with a static cache, a SiLU-gated MLP),
-q, k, v and gate, up joined (LoRA on all of them; shared_products.py), one adapter (or none) answering, on CUDA.
+q, k, v and gate, up joined (shared_products.py: bases of one kind, with LoRA on any of them or none), one adapter
+(or none) answering, on CUDA.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _layer(layer: nn.Module, i: int) -> LayerWeights | str:
     q = getattr(attn, "q_proj", None)
     gate = getattr(mlp, "gate_proj", None)
     if not (hasattr(q, "shared_products") and hasattr(gate, "shared_products")):
-        return "q, k, v or gate, up are not joined (LoRA on all of them, bases of one kind, join them)"
+        return "q, k, v or gate, up are not joined (their bases differ in kind, width or format)"
     qkv_group, gate_up_group = q.shared_products[0], gate.shared_products[0]
     if qkv_group.members != [attn.q_proj, attn.k_proj, attn.v_proj] or \
             gate_up_group.members != [mlp.gate_proj, mlp.up_proj]:
@@ -98,19 +99,17 @@ def stage_weights(stage) -> list[LayerWeights] | str:
 
 
 def _adapter(layer: LayerWeights) -> str | bool | None:
-    """The one adapter every linear of the layer adds now (False: none), or None. o and down, which LoRA may
-    leave out, add it or nothing."""
-    groups = {serving(layer.qkv_group.members, layer.qkv_group.adapters),
-              serving(layer.gate_up_group.members, layer.gate_up_group.adapters)}
-    if len(groups) != 1:
-        return None
-    name = groups.pop()
+    """The one adapter the layer's linears add now (False: none), or None. A linear LoRA leaves out, or that does
+    not hold that adapter, adds nothing."""
+    found = {serving(layer.qkv_group.members, layer.qkv_group.adapters),
+             serving(layer.gate_up_group.members, layer.gate_up_group.adapters)}
     for single in (layer.o_proj, layer.down_proj):
-        if isinstance(single, LoraLinear):
-            names = plain_adapters([single])
-            if names is None or serving([single], names) not in (False, name):
-                return None
-    return name
+        names = plain_adapters([single])
+        found.add(None if names is None else serving([single], names))
+    names = found - {False}
+    if None in found or len(names) > 1:
+        return None
+    return names.pop() if names else False
 
 
 def _single_lora(linear: nn.Module, name: str | bool, dtype: torch.dtype) -> Lora | None:
@@ -120,7 +119,7 @@ def _single_lora(linear: nn.Module, name: str | bool, dtype: torch.dtype) -> Lor
 
 
 def _group_lora(group, name: str | bool, dtype: torch.dtype) -> Lora | None:
-    if name is False:
+    if name not in group.adapters:
         return None
     a, b, scale = group.adapters[name]
     return Lora(a.to(dtype), b.to(dtype), scale)

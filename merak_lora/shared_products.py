@@ -6,7 +6,8 @@ its own two thin products, a cast and an add. Here the base weights of such a gr
 buffer, each member keeping a view of its rows (no second copy), and the first member to see an input computes
 all the members' outputs for it: one base product (bitsandbytes' 4-bit or a plain linear), one down projection
 through the members' A matrices stacked, one up projection through their B matrices set block-diagonally (the
-zeros add exact zeros), each term in the dtype the member's own forward uses. The others take their columns.
+zeros add exact zeros), each term in the dtype the member's own forward uses. The others take their columns. A
+member without LoRA (LoRA on q and v only) joins with a zero block in the stacked adapter.
 
 Only without gradients (generation): the stacked adapter tensors are copies taken when the group is made, which
 training would leave behind. A member called with another input, with arguments, or with its adapter in a state
@@ -29,7 +30,7 @@ from .lora import SHARED_INPUTS, _plain
 class SharedProducts:
     """One group's side-by-side base weight, its stacked adapters, and the outputs not yet taken."""
 
-    def __init__(self, members: list[LoraLinear], base_product, names: list[str]) -> None:
+    def __init__(self, members: list[nn.Module], base_product, names: list[str]) -> None:
         self.members = members
         self.base_product = base_product  # x -> every member's base output, side by side
         self.sizes = [m.out_features for m in members]
@@ -66,10 +67,13 @@ class SharedProducts:
                            alpha=scale).view_as(out)
 
 
-def serving(members: list[LoraLinear], held) -> str | bool | None:
+def serving(members: list[nn.Module], held) -> str | bool | None:
     """The one adapter the members add in their present state (False: none, the base alone), or None where they
     disagree or add something `held` (the adapter names one can compute) does not cover: merged apart from the
-    others, several adapters active."""
+    others, several adapters active. Members without LoRA add nothing."""
+    members = [m for m in members if isinstance(m, LoraLinear)]
+    if not members:
+        return False
     states = {(m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in members}
     if len(states) != 1:
         return None
@@ -85,16 +89,16 @@ def serving(members: list[LoraLinear], held) -> str | bool | None:
     return False if not any(active[0] in m.lora_A for m in members) else None  # none holds it: the base
 
 
-def _stacked(members: list[LoraLinear], name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _stacked(members: list[nn.Module], name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Adapter `name`'s A matrices stacked, its B matrices block-diagonal, and the one scale (folded into B
-    where the members' scales differ). A member without this adapter adds a zero block."""
+    where the members' scales differ). A member without this adapter (or without LoRA) adds a zero block."""
     with torch.no_grad():
-        pairs = [(m.lora_A[name].weight, m.lora_B[name].weight) if name in m.lora_A else None for m in members]
+        pairs = [(m.lora_A[name].weight, m.lora_B[name].weight) if name in _adapters(m) else None for m in members]
         ref = next(p for p in pairs if p is not None)[0]
         ranks = [p[0].shape[0] if p else 0 for p in pairs]
         a = torch.zeros(sum(ranks), ref.shape[1], dtype=ref.dtype, device=ref.device)
         b = torch.zeros(sum(m.out_features for m in members), sum(ranks), dtype=ref.dtype, device=ref.device)
-        scales = {m.scaling[name] for m in members if name in m.lora_A}
+        scales = {m.scaling[name] for m in members if name in _adapters(m)}
         row = col = 0
         for m, p, r in zip(members, pairs, ranks):
             if p is not None:
@@ -110,22 +114,32 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return self.forward_alone(x, *args, **kwargs) if out is None else out
 
 
+def _adapters(m: nn.Module):
+    """The LoRA adapters a member holds (none for a linear LoRA left out)."""
+    return m.lora_A if type(m) is LoraLinear else {}
+
+
+def _base(m: nn.Module) -> nn.Module:
+    return m.get_base_layer() if type(m) is LoraLinear else m
+
+
 def _kind(m: nn.Module) -> str | None:
-    """'linear' or '4bit' for a LoRA linear whose base the group can lay side by side, else None."""
-    if type(m) is not LoraLinear:
+    """'linear' or '4bit' for a linear, with LoRA or without, whose base the group can lay side by side, else
+    None (another LoRA layer class, other modules)."""
+    if isinstance(m, LoraLinear) and type(m) is not LoraLinear:
         return None
-    base = type(m.get_base_layer())
+    base = type(_base(m))
     if base is nn.Linear:
         return "linear"
     return "4bit" if base.__module__.startswith("bitsandbytes") and base.__name__ == "Linear4bit" else None
 
 
-def plain_adapters(members: list[LoraLinear]) -> list[str] | None:
+def plain_adapters(members: list[nn.Module]) -> list[str] | None:
     """The names of the adapters the members hold, or None if any of them is not a plain A, B pair."""
-    names = {n for m in members for n in m.lora_A}
-    if any(n in m.lora_A and not _plain(m, n) for m in members for n in names):
+    names = {n for m in members for n in _adapters(m)}
+    if any(n in _adapters(m) and not _plain(m, n) for m in members for n in names):
         return None
-    return sorted(n for n in names if any(n in m.lora_A for m in members))
+    return sorted(names)
 
 
 def _side_by_side_linear(bases: list[nn.Linear]):
@@ -200,9 +214,10 @@ def _joinable(kind: str, bases: list[nn.Module]) -> bool:
 
 
 def group_for_generation(model: nn.Module) -> list[SharedProducts]:
-    """Give each group of LoRA linears that one module feeds one input (`lora.SHARED_INPUTS`) a SharedProducts,
-    where their bases are of one kind and join (same input width, dtype, 4-bit format, bias or none). For a
-    process that only generates: afterwards the members' weights are views of their group's."""
+    """Give each group of linears that one module feeds one input (`lora.SHARED_INPUTS`) a SharedProducts, where
+    their bases are of one kind and join (same input width, dtype, 4-bit format, bias or none); LoRA may be on
+    all of them, some (a config naming q_proj and v_proj) or none. For a process that only generates: afterwards
+    the members' weights are views of their group's."""
     groups = []
     for parent in model.modules():
         for role_names in SHARED_INPUTS:
@@ -211,7 +226,7 @@ def group_for_generation(model: nn.Module) -> list[SharedProducts]:
             if len(members) < 2 or len(kinds) != 1 or None in kinds:
                 continue
             kind = kinds.pop()
-            bases = [m.get_base_layer() for m in members]
+            bases = [_base(m) for m in members]
             names = plain_adapters(members)
             if names is None or not _joinable(kind, bases):
                 continue

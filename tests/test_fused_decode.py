@@ -153,13 +153,14 @@ def test_fused_step_answers_as_the_transformers_layers(tiny_llama, memorised, ca
     assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
 
 
-def _random_adapter_answers(model: str) -> tuple[dict, int]:
-    """As `_answers`, for a model folder without a checkpoint: a fresh random adapter on every linear."""
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _random_adapter_answers(model: str, targets: list[str]) -> tuple[dict, int]:
+    """As `_answers`, for a model folder without a checkpoint: a fresh random adapter on `targets`."""
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.fused_decode import FusedStep
-    meta = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"],
-                     "init_lora_weights": False}}
+    meta = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": False}}
     cfg = GenConfig(model_path=model, max_new_tokens=6, device="cpu", compare_base=True)
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, meta, 1)
     prompts = [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]]
@@ -181,17 +182,18 @@ def _random_adapter_answers(model: str) -> tuple[dict, int]:
     return answers, calls[0]
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
-def test_the_other_families_with_llama_layers(tmp_path, model_type):
-    """Qwen2 (biases on q, k and v) and Mistral (without a sliding window, as its v0.2 and later ship): the fused
-    step gives the transformers layers' tokens, adapter on and off."""
+@pytest.mark.parametrize("model_type, targets", [("qwen2", ALL), ("mistral", ALL), ("llama", ["q_proj", "v_proj"])])
+def test_other_families_and_targets(tmp_path, model_type, targets):
+    """Qwen2 (biases on q, k and v), Mistral (without a sliding window, as its v0.2 and later ship), and LoRA on q
+    and v alone (k, o and the MLP without): the fused step gives the transformers layers' tokens, adapter on and
+    off."""
     import json
     from merak_lora.tiny import make_tiny_model
     folder = make_tiny_model(str(tmp_path / model_type), model_type, num_layers=2)
     config = json.load(open(f"{folder}/config.json"))
     config["sliding_window"] = None
     json.dump(config, open(f"{folder}/config.json", "w"))
-    answers, calls = _random_adapter_answers(folder)
+    answers, calls = _random_adapter_answers(folder, targets)
     assert calls == 2 * (6 - 1)
     assert answers[True, True] == answers[False, True]
     assert answers[True, False] == answers[False, False]

@@ -129,3 +129,31 @@ def test_four_bit_linears_join_with_their_scales(double_quant):
         assert torch.equal(got[key], want[key]), key
     states = [m.get_base_layer().weight.quant_state for g in groups for m in g.members]
     assert not any(s.nested for s in states), "double-quantized scales are expanded once, not on every call"
+
+
+def test_linears_without_lora_join_those_with_it():
+    """LoRA on q and v alone (the tutorials' config): k, gate and up, without LoRA, still join their groups and
+    add nothing of an adapter; every output is the one each linear gives alone, with the adapter and without."""
+    from merak_lora.lora import adapters_off, apply_adapters
+    from merak_lora.shared_products import group_for_generation
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    model = apply_adapters(lm, [("a", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False), 1)]).eval()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with adapters_off(model):
+            want_base = model(input_ids=ids).logits
+        groups = group_for_generation(model)
+        assert len(groups) == 4 and type(groups[0].members[1]) is torch.nn.Linear  # k, with no LoRA
+        assert sorted(groups[0].adapters) == ["a"] and not groups[1].adapters  # gate, up: no adapter to stack
+        calls = _counted(groups)
+        got = model(input_ids=ids).logits
+        with adapters_off(model):
+            got_base = model(input_ids=ids).logits
+    assert calls[0] == 2 * 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_base, want_base, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, got_base)
