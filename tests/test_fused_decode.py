@@ -198,3 +198,23 @@ def test_other_families_and_targets(tmp_path, model_type, targets):
     assert answers[True, True] == answers[False, True]
     assert answers[True, False] == answers[False, False]
     assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
+
+
+def test_a_stage_the_fused_step_cannot_serve_says_why_once(tiny_llama, memorised, caplog):  # noqa: F811
+    """With the growing cache (a model without static decoding) every token runs the transformers layers, and
+    the log says why once per stage, not once per request."""
+    import logging
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=4, device="cpu")
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    prompts = _ids(tiny_llama)[:2]
+    want = gen.generate(prompts, cfg.sampling())
+    gen.static, gen.fused = False, True
+    with caplog.at_level(logging.INFO, logger="merak_lora"):
+        got = [gen.generate(prompts, cfg.sampling()) for _ in range(2)]
+    assert got == [want, want]
+    said = [r.getMessage() for r in caplog.records if "not the fused step" in r.getMessage()]
+    assert said == ["stage 0: decoding with the transformers layers, not the fused step: the model decodes with a "
+                    "growing cache"]
