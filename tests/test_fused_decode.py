@@ -109,15 +109,10 @@ def canonical_4bit(monkeypatch):
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: False)
 
 
-def _answers(model: str, ckpt: str, prompts: list[list[int]], flags: dict) -> dict:
+def _four_answers(gen, prompts: list[list[int]], sampling) -> tuple[dict, int]:
     """Greedy answers with the fused step and with the transformers layers, adapter on and off; and how many
-    tokens the fused step decoded."""
-    from merak_lora.chat import GenConfig, _pipeline_generator
-    from merak_lora.checkpoint import read_meta
+    one-token steps the fused step ran."""
     from merak_lora.fused_decode import FusedStep
-    cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=6, device="cpu",
-                    compare_base=True, **flags)
-    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), ckpt, read_meta(ckpt), 1)
     calls = [0]
     run = FusedStep.__call__
 
@@ -129,10 +124,20 @@ def _answers(model: str, ckpt: str, prompts: list[list[int]], flags: dict) -> di
         answers = {(fused, adapter): None for fused in (True, False) for adapter in (True, False)}
         for fused, adapter in answers:
             gen.fused = fused
-            answers[fused, adapter] = gen.generate(prompts, cfg.sampling(), adapter=adapter)
+            answers[fused, adapter] = gen.generate(prompts, sampling, adapter=adapter)
     finally:
         FusedStep.__call__ = run
-    return answers, calls[0], len(gen.stages)
+    return answers, calls[0]
+
+
+def _answers(model: str, ckpt: str, prompts: list[list[int]], flags: dict) -> tuple[dict, int, int]:
+    """`_four_answers` from a checkpoint's adapter, and the generator's stage count."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=6, device="cpu",
+                    compare_base=True, **flags)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), ckpt, read_meta(ckpt), 1)
+    return (*_four_answers(gen, prompts, cfg.sampling()), len(gen.stages))
 
 
 @pytest.mark.parametrize("flags", [
@@ -157,29 +162,12 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def _random_adapter_answers(model: str, targets: list[str]) -> tuple[dict, int]:
-    """As `_answers`, for a model folder without a checkpoint: a fresh random adapter on `targets`."""
+    """`_four_answers` for a model folder without a checkpoint: a fresh random adapter on `targets`."""
     from merak_lora.chat import GenConfig, _pipeline_generator
-    from merak_lora.fused_decode import FusedStep
     meta = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": False}}
     cfg = GenConfig(model_path=model, max_new_tokens=6, device="cpu", compare_base=True)
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, meta, 1)
-    prompts = [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]]
-    calls = [0]
-    run = FusedStep.__call__
-
-    def counted(self, *args):
-        calls[0] += 1
-        return run(self, *args)
-    FusedStep.__call__ = counted
-    try:
-        answers = {}
-        for fused in (True, False):
-            gen.fused = fused
-            for adapter in (True, False):
-                answers[fused, adapter] = gen.generate(prompts, cfg.sampling(), adapter=adapter)
-    finally:
-        FusedStep.__call__ = run
-    return answers, calls[0]
+    return _four_answers(gen, [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]], cfg.sampling())
 
 
 @pytest.mark.parametrize("model_type, targets", [("qwen2", ALL), ("mistral", ALL), ("llama", ["q_proj", "v_proj"])])
