@@ -130,8 +130,9 @@ def main() -> None:
     compiled = [False, True] if a.compile == "true" else [False]
     joined = [True, False] if a.apart == "true" else [True]
     fused_rows = fast and a.fused == "true" and torch.cuda.is_available()  # its kernels run on CUDA
-    variants = [(f"static cache{graphs}, fused step", True, False, False, True, True)] if fused_rows else []
-    variants += [(f"static cache{graphs}", True, False, c, j, False) for c in compiled for j in joined] if fast else []
+    fused_label, graphed_label = f"static cache{graphs}, fused step", f"static cache{graphs}"
+    variants = [(fused_label, True, False, False, True, True)] if fused_rows else []
+    variants += [(graphed_label, True, False, c, j, False) for c in compiled for j in joined] if fast else []
     variants.append(("growing cache, no graphs", False, False, False, True, False))
     if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
         variants += [(f"static cache{graphs}, adapter merged into the base", True, True, c, j, False)
@@ -176,7 +177,6 @@ def main() -> None:
                          f"{agreement(answers[label], answers[label.removesuffix(', linears apart')])}.")
         if static and not merge and not compile_step and join and torch.cuda.is_available():
             notes += [f"'{label}': {n}" for n in graph_check(gen, prompts, (True, False) if meta else (True,))]
-    fused_label, graphed_label = f"static cache{graphs}, fused step", f"static cache{graphs}"
     if fused_label in answers and graphed_label in answers:
         notes.append(f"'{fused_label}': the same {a.new} greedy tokens as the transformers layers' graphed step for "
                      f"{agreement(answers[fused_label], answers[graphed_label])}.")

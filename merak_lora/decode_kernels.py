@@ -1,5 +1,5 @@
-"""The Triton kernels of the fused one-token step (fused_decode.py): everything of a layer but its four 4-bit
-products, in four launches.
+"""The Triton kernels of the fused one-token step (fused_decode.py): everything of a layer but its four products,
+in four launches.
 
 Decoding one sequence reads every weight once per token and does two flops per weight, so a token's time is its
 bytes over the memory bandwidth plus, for every kernel, a launch and a tail of a few microseconds. The transformers

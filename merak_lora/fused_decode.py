@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import StaticCache
 
 from . import decode_kernels as kernels
-from .shared_products import plain_adapters, serving
+from .shared_products import base_layer, lora_adapters, plain_adapters, serving
 
 LAYERS = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
 
@@ -56,8 +55,8 @@ class LayerWeights:
 
     def products(self):
         """The four base products, each x -> x @ W.T (+ bias) in x's dtype."""
-        base = lambda m: m.get_base_layer() if isinstance(m, LoraLinear) else m  # noqa: E731
-        return self.qkv_group.base_product, base(self.o_proj), self.gate_up_group.base_product, base(self.down_proj)
+        return (self.qkv_group.base_product, base_layer(self.o_proj), self.gate_up_group.base_product,
+                base_layer(self.down_proj))
 
 
 def _layer(layer: nn.Module, i: int) -> LayerWeights | str:
@@ -70,6 +69,8 @@ def _layer(layer: nn.Module, i: int) -> LayerWeights | str:
     if qkv_group.members != [attn.q_proj, attn.k_proj, attn.v_proj] or \
             gate_up_group.members != [mlp.gate_proj, mlp.up_proj]:
         return "its joined linears are not q, k, v and gate, up in that order"
+    if attn.head_dim & (attn.head_dim - 1):
+        return f"head size {attn.head_dim} is not a power of two"
     return LayerWeights(layer.input_layernorm, layer.post_attention_layernorm, attn, qkv_group, gate_up_group,
                         attn.o_proj, mlp.down_proj, i)
 
@@ -91,9 +92,7 @@ def stage_weights(stage) -> list[LayerWeights] | str:
         owned = range(stage.spec.start, stage.spec.stop)
         found = [_layer(layers[i], i) if type(layers[i]).__name__ == LAYERS[model_type]
                  else "a layer of another class" for i in owned]
-        head_dim = layers[owned.start].self_attn.head_dim if len(owned) else 2
-        why = next((f for f in found if isinstance(f, str)), None) or \
-            (f"head size {head_dim} is not a power of two" if head_dim & (head_dim - 1) else None)
+        why = next((f for f in found if isinstance(f, str)), None)
     stage.fused_weights = why or found
     return stage.fused_weights
 
@@ -113,7 +112,7 @@ def _adapter(layer: LayerWeights) -> str | bool | None:
 
 
 def _single_lora(linear: nn.Module, name: str | bool, dtype: torch.dtype) -> Lora | None:
-    if name is False or not isinstance(linear, LoraLinear) or name not in linear.lora_A:
+    if name not in lora_adapters(linear):
         return None
     return Lora(linear.lora_A[name].weight.to(dtype), linear.lora_B[name].weight.to(dtype), linear.scaling[name])
 

@@ -93,12 +93,12 @@ def _stacked(members: list[nn.Module], name: str) -> tuple[torch.Tensor, torch.T
     """Adapter `name`'s A matrices stacked, its B matrices block-diagonal, and the one scale (folded into B
     where the members' scales differ). A member without this adapter (or without LoRA) adds a zero block."""
     with torch.no_grad():
-        pairs = [(m.lora_A[name].weight, m.lora_B[name].weight) if name in _adapters(m) else None for m in members]
+        pairs = [(m.lora_A[name].weight, m.lora_B[name].weight) if name in lora_adapters(m) else None for m in members]
         ref = next(p for p in pairs if p is not None)[0]
         ranks = [p[0].shape[0] if p else 0 for p in pairs]
         a = torch.zeros(sum(ranks), ref.shape[1], dtype=ref.dtype, device=ref.device)
         b = torch.zeros(sum(m.out_features for m in members), sum(ranks), dtype=ref.dtype, device=ref.device)
-        scales = {m.scaling[name] for m in members if name in _adapters(m)}
+        scales = {m.scaling[name] for m in members if name in lora_adapters(m)}
         row = col = 0
         for m, p, r in zip(members, pairs, ranks):
             if p is not None:
@@ -114,12 +114,13 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return self.forward_alone(x, *args, **kwargs) if out is None else out
 
 
-def _adapters(m: nn.Module):
-    """The LoRA adapters a member holds (none for a linear LoRA left out)."""
+def lora_adapters(m: nn.Module):
+    """The LoRA adapters a linear holds (none for a linear LoRA left out)."""
     return m.lora_A if type(m) is LoraLinear else {}
 
 
-def _base(m: nn.Module) -> nn.Module:
+def base_layer(m: nn.Module) -> nn.Module:
+    """A LoRA linear's base layer, or a linear LoRA left out itself."""
     return m.get_base_layer() if type(m) is LoraLinear else m
 
 
@@ -128,7 +129,7 @@ def _kind(m: nn.Module) -> str | None:
     None (another LoRA layer class, other modules)."""
     if isinstance(m, LoraLinear) and type(m) is not LoraLinear:
         return None
-    base = type(_base(m))
+    base = type(base_layer(m))
     if base is nn.Linear:
         return "linear"
     return "4bit" if base.__module__.startswith("bitsandbytes") and base.__name__ == "Linear4bit" else None
@@ -136,8 +137,8 @@ def _kind(m: nn.Module) -> str | None:
 
 def plain_adapters(members: list[nn.Module]) -> list[str] | None:
     """The names of the adapters the members hold, or None if any of them is not a plain A, B pair."""
-    names = {n for m in members for n in _adapters(m)}
-    if any(n in _adapters(m) and not _plain(m, n) for m in members for n in names):
+    names = {n for m in members for n in lora_adapters(m)}
+    if any(n in lora_adapters(m) and not _plain(m, n) for m in members for n in names):
         return None
     return sorted(names)
 
@@ -226,7 +227,7 @@ def group_for_generation(model: nn.Module) -> list[SharedProducts]:
             if len(members) < 2 or len(kinds) != 1 or None in kinds:
                 continue
             kind = kinds.pop()
-            bases = [_base(m) for m in members]
+            bases = [base_layer(m) for m in members]
             names = plain_adapters(members)
             if names is None or not _joinable(kind, bases):
                 continue
