@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--fused", default="true",
                     help="add a row with merak-lora's fused one-token step (fused_decode.py; gen.sh's default where "
                          "the model allows it; the other rows run the transformers layers)")
+    ap.add_argument("--ahead", default="true",
+                    help="add a fused row whose host reads each step's tokens before queuing the next (the GPU "
+                         "then waits on the host between tokens; the other rows queue a step ahead)")
     ap.add_argument("--apart", default="false",
                     help="add rows with the linears that read one input run one by one (shared_products.py off)")
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
@@ -131,7 +134,9 @@ def main() -> None:
     joined = [True, False] if a.apart == "true" else [True]
     fused_rows = fast and a.fused == "true" and torch.cuda.is_available()  # its kernels run on CUDA
     fused_label, graphed_label = f"static cache{graphs}, fused step", f"static cache{graphs}"
+    behind = ", host reads each token before queuing the next"
     variants = [(fused_label, True, False, False, True, True)] if fused_rows else []
+    variants += [(fused_label + behind, True, False, False, True, True)] if fused_rows and a.ahead == "true" else []
     variants += [(graphed_label, True, False, c, j, False) for c in compiled for j in joined] if fast else []
     variants.append(("growing cache, no graphs", False, False, False, True, False))
     if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
@@ -145,7 +150,7 @@ def main() -> None:
         if merge and not gen.merged:
             gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
         gen.static, gen.graphs, gen.compiled = static, static and torch.cuda.is_available(), compile_step
-        gen.fused = fused
+        gen.fused, gen.ahead = fused, not label.endswith(behind)
         for group in groups:
             group.on = join
         label += (", one-token step compiled" if compile_step else "") + ("" if join else ", linears apart")
@@ -153,6 +158,9 @@ def main() -> None:
         # the compiled step compiles here (its time is noted)
         warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
         ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
+        # the tokens past the first quarter alone: what a request's set-up (prompt, cache, graph capture) leaves
+        short_s = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new // 4)))
+        steady = a.batch * (a.new - a.new // 4) / (ours_s - short_s)
         if fused and gen.fused_notes:
             raise SystemExit(f"the fused row ran the transformers layers: {sorted(gen.fused_notes)}")
         if compile_step:  # then a request of other lengths: whether the compiled step is used as it is
@@ -166,7 +174,7 @@ def main() -> None:
             show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), f"merak-lora pipeline, {label}")
         rows.append([f"merak-lora pipeline, pp={a.pp}, {label}{', 4-bit base' if four_bit else ''}"
                      f"{', LoRA r=8' if meta else ''}", a.batch, a.new, f"{ours_s:.2f}",
-                     f"{a.batch * a.new / ours_s:,.0f}", f"{ttft:.3f}"])
+                     f"{a.batch * a.new / ours_s:,.0f}", f"{steady:,.0f}", f"{ttft:.3f}"])
         print(" | ".join(map(str, rows[-1])), flush=True)  # a run cut short keeps the rows it made
         if compile_step and join:
             plain = answers[label.removesuffix(", one-token step compiled")]
@@ -180,6 +188,9 @@ def main() -> None:
     if fused_label in answers and graphed_label in answers:
         notes.append(f"'{fused_label}': the same {a.new} greedy tokens as the transformers layers' graphed step for "
                      f"{agreement(answers[fused_label], answers[graphed_label])}.")
+    if fused_label + behind in answers:
+        notes.append(f"'{fused_label}': the same {a.new} greedy tokens as with the host reading each token first "
+                     f"for {agreement(answers[fused_label], answers[fused_label + behind])}.")
     gen.close()
     if torch.cuda.is_available():
         # the input embedding gives one row per token; every other weight (a tied head included) is read whole
@@ -217,13 +228,14 @@ def main() -> None:
             show_profile(lambda: run(16), "transformers generate()")
         rows.append([f"transformers generate(), one process{', 4-bit base' if four_bit else ''}"
                      f"{', PEFT LoRA r=8' if meta else ''}", a.batch, a.new,
-                     f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-"])
+                     f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-", "-"])
         if not meta:  # with an adapter the two hold different random LoRA weights
             same = sum(x == y for x, y in zip(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))]))
             notes.append(f"Greedy answers identical to generate()'s for {same} of {a.batch} prompts (random weights "
                          "in bf16: near-ties between logits can go either way when kernels differ).")
     table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s",
-                            f"first token, {a.ttft_len}-token prompt (s)"], rows)
+                            f"tokens/s past the first {a.new // 4}", f"first token, {a.ttft_len}-token prompt (s)"],
+                           rows)
     report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, " ".join(notes), a.results)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -30,7 +30,6 @@ from .lora import AdapterSwitch, adapters_off
 from .stage import Stage
 
 TokenCallback = Callable[[list[int], list[bool]], None]
-INTERRUPTED = -2  # sent in place of the next tokens when Ctrl-C stops an answer
 
 
 @dataclass
@@ -164,6 +163,7 @@ class PipelineGenerator:
         self.compiled = False  # the one-token step of each stage compiled (decode.compiled_stage_step)
         self.fused = runs_on(layout.device)  # merak-lora's own one-token step where a stage allows (fused_decode.py)
         self.fused_notes: set = set()  # (stage, reason) already logged for stages that keep the transformers step
+        self.ahead = True  # the host reads a step's tokens while the next runs (_run; bench/decode.py compares)
         # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once;
         # not for models that keep decoding state in their own modules (transformers marks them `_is_stateful`:
         # RecurrentGemma), which one group would overwrite for another
@@ -220,6 +220,10 @@ class PipelineGenerator:
     @torch.no_grad()
     def _run(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter,
              on_token: TokenCallback | None) -> list[list[int]]:
+        """The whole batch in lockstep. The host reads a step's tokens (stop checks, streaming) only once the next
+        step is queued, so the GPU does not wait on the host between tokens; when they finish every answer, the
+        step queued after them is dropped. The first token is read at once, before the one-token step is built
+        (graph capture, compiling), so it shows as soon as the prompt is through."""
         if self.in_flight and len(prompts) >= self.num_stages:
             return self._run_in_flight(prompts, sampling, adapter, on_token)
         device = self.layout.device
@@ -227,28 +231,45 @@ class PipelineGenerator:
         req = _Request(self, list(range(len(prompts))), ids, mask, sampling, device, self.stages)
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # as the host last saw them
         self.interrupted = False
+
+        def take(tokens: _HostTokens) -> bool:
+            """Record a step's tokens; whether the answers are over (all finished, or Ctrl-C)."""
+            nonlocal finished
+            *values, interrupted = tokens.tolist()
+            if interrupted:
+                self.interrupted = True
+                return True
+            before = list(stopper.done)
+            done = stopper.take(req.rows, values, generated, on_token)
+            if done != before:
+                finished = torch.tensor(done, device=device)
+            return all(done)
+
+        unread: list[_HostTokens] = []  # queued steps whose tokens the host has not read (at most one)
         with self._answering(self.stages, adapter):
-            for _ in range(sampling.max_new_tokens):
+            for step in range(sampling.max_new_tokens):
                 q = req.step_ids.shape[1]
                 logits = self._forward(req.step_ids, req.seen(q), req.positions, req.decoders)
                 req.advance(q)
-                tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
+                # the next tokens and, last, whether Ctrl-C stops the answers (the last stage decides, so every
+                # rank stops at the same token; the flag stays out of the ids the queued step embeds)
+                sent = torch.empty(len(prompts) + 1, dtype=torch.long, device=device)
                 if logits is not None:
                     tokens = next_tokens(req.processors(req.history, logits.float()), sampling.greedy, req.rngs)
-                    finished = torch.tensor(stopper.done, device=device)
-                    tokens = tokens.masked_fill(finished, self.pad_id)
-                    if self._ctrl_c:  # the last stage decides, so every rank stops at the same token
-                        tokens.fill_(INTERRUPTED)
+                    torch.cat([tokens.masked_fill(finished, self.pad_id), tokens.new_full((1,), self._ctrl_c)],
+                              out=sent)
                 if self.layout.pp > 1:
-                    dist.broadcast(tokens, src=self.last_rank, group=self.layout.pp_group)
-                if tokens[0].item() == INTERRUPTED:
-                    self.interrupted = True
-                    break
-                if all(stopper.take(req.rows, tokens.tolist(), generated, on_token)):
-                    break
+                    dist.broadcast(sent, src=self.last_rank, group=self.layout.pp_group)
+                tokens = sent[:-1]
                 req.history = torch.cat([req.history, tokens[:, None]], dim=1)
                 req.step_ids = tokens[:, None]
+                unread.append(_HostTokens(sent))
+                if (step == 0 or not self.ahead or len(unread) > 1) and take(unread.pop(0)):
+                    return generated
+            for tokens in unread:
+                take(tokens)
         return generated
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -351,6 +372,26 @@ class PipelineGenerator:
         if self._ctrl_c or g.steps >= sampling.max_new_tokens or all(done[i] for i in g.rows):
             g.alive = False
         return not g.alive
+
+
+class _HostTokens:
+    """A step's tokens copied to the host as the GPU reaches them, read without waiting for the work queued
+    after them (a plain `.tolist()` waits for the whole stream)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.event = None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tokens
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class _Request:

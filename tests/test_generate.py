@@ -191,6 +191,48 @@ def test_interactive_chat_through_a_pipe(tiny_llama, memorised):
     assert re.search(r"\(\d+ tokens, first after \d+\.\d\d s, \d+\.\d tokens/s\)", out), out[-500:]
 
 
+def _interrupted_at_third_token(model: str, ckpt: str, prompt: list[int]):
+    """Rank 0 answers in full, then again with a real SIGINT sent to both ranks (as Ctrl-C reaches a job's
+    process group) when its third token arrives, then in full once more."""
+    import signal
+
+    import torch.distributed as dist
+
+    from merak_lora.chat import GenConfig, build_generator
+    cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=24, device="cpu",
+                    compare_base=True)
+    gen, _, layout = build_generator(cfg)
+    pids = [None, None]
+    dist.all_gather_object(pids, os.getpid())
+    if layout.rank != 0:
+        gen.serve()
+        return None
+    full = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
+    seen = []
+
+    def on_token(tokens, done):
+        seen.append(tokens[0])
+        if len(seen) == 3:
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+    cut = gen.generate([prompt], cfg.sampling(), adapter=False, on_token=on_token)[0]
+    interrupted = gen.interrupted
+    again = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
+    gen.close()
+    return full, cut, interrupted, again, seen
+
+
+def test_ctrl_c_cuts_an_answer_short_on_every_rank(tiny_llama, memorised):
+    """The host reads each step's tokens while the next step runs (generate.py); Ctrl-C still stops both
+    ranks at one token, the answer is what was shown so far, and the next request answers in full."""
+    ckpt, _ = memorised
+    full, cut, interrupted, again, seen = run_ranks(_interrupted_at_third_token, 2, tiny_llama, ckpt,
+                                                    _ids(tiny_llama)[0])[0]
+    assert len(full) == 24, "the base's answer ran to the length limit"
+    assert interrupted and 3 <= len(cut) < len(full) and cut == full[:len(cut)] == seen
+    assert again == full
+
+
 def test_a_family_that_cannot_generate_across_stages_is_refused_before_loading(tmp_path):
     """openai-gpt trains at any stage count but keeps no KV cache: gen.sh at two stages says to use one process."""
     from transformers import AutoTokenizer
