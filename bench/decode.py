@@ -137,6 +137,8 @@ def main() -> None:
     behind = ", host reads each token before queuing the next"
     variants = [(fused_label, True, False, False, True, True)] if fused_rows else []
     variants += [(fused_label + behind, True, False, False, True, True)] if fused_rows and a.ahead == "true" else []
+    theirs = ", bitsandbytes' 4-bit products"  # the other fused rows take merak-lora's (four_bit_cuda.py)
+    variants += [(fused_label + theirs, True, False, False, True, True)] if fused_rows and four_bit else []
     variants += [(graphed_label, True, False, c, j, False) for c in compiled for j in joined] if fast else []
     variants.append(("growing cache, no graphs", False, False, False, True, False))
     if meta and fast and not four_bit:  # a quantized base is never merged (lora.merge_for_generation)
@@ -150,7 +152,7 @@ def main() -> None:
         if merge and not gen.merged:
             gen.merged = sum(merge_for_generation(st.model) for st in gen.stages) > 0
         gen.static, gen.graphs, gen.compiled = static, static and torch.cuda.is_available(), compile_step
-        gen.fused, gen.ahead = fused, not label.endswith(behind)
+        gen.fused, gen.ahead, gen.own_4bit = fused, not label.endswith(behind), not label.endswith(theirs)
         for group in groups:
             group.on = join
         label += (", one-token step compiled" if compile_step else "") + ("" if join else ", linears apart")
@@ -183,11 +185,15 @@ def main() -> None:
         if not join:
             notes.append(f"'{label}': the same {a.new} greedy tokens as with the linears joined for "
                          f"{agreement(answers[label], answers[label.removesuffix(', linears apart')])}.")
-        if static and not merge and not compile_step and join and torch.cuda.is_available():
+        once = gen.ahead and gen.own_4bit  # rows differing only in the host's order or the product: checked once
+        if static and not merge and not compile_step and join and once and torch.cuda.is_available():
             notes += [f"'{label}': {n}" for n in graph_check(gen, prompts, (True, False) if meta else (True,))]
     if fused_label in answers and graphed_label in answers:
         notes.append(f"'{fused_label}': the same {a.new} greedy tokens as the transformers layers' graphed step for "
                      f"{agreement(answers[fused_label], answers[graphed_label])}.")
+    if fused_label + theirs in answers:
+        notes.append(f"'{fused_label}': the same {a.new} greedy tokens as with bitsandbytes' 4-bit products for "
+                     f"{agreement(answers[fused_label], answers[fused_label + theirs])}.")
     if fused_label + behind in answers:
         notes.append(f"'{fused_label}': the same {a.new} greedy tokens as with the host reading each token first "
                      f"for {agreement(answers[fused_label], answers[fused_label + behind])}.")

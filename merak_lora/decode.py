@@ -171,7 +171,7 @@ class StageDecoder:
 
     def _fused_step(self, x: torch.Tensor) -> FusedStep | None:
         if self.fused is True:
-            built = FusedStep.build(self.stage, self.cache, x.shape[0], self.options.act_dtype)
+            built = FusedStep.build(self.stage, self.cache, x.shape[0], self.options.act_dtype, self.options.own_4bit)
             if isinstance(built, str):
                 if (self.stage.spec.index, built) not in self.options.fused_notes:
                     self.options.fused_notes.add((self.stage.spec.index, built))

@@ -11,7 +11,8 @@ follows from its reads:
 - `residual_norm`: the residual add of the product before (with that product's LoRA up projection, B times the
   summed down-projection partials), the RMSNorm of the new residual stream, and LoRA's down projections of the
   normalized row for the targets that read it (q, k, v; gate, up). Each program of a row computes the row again
-  (it reads a few KB) and a few rows of A's product; the first writes the row and the normalized row.
+  (it reads a few KB) and one row of A's product (fewer programs, each reducing more rows one after another, ran
+  slower); the first writes the row and the normalized row.
 - `decode_attention`: q, k and v from the joined product with their LoRA up projections, the rotary embedding,
   the new k and v written to the static cache, the query's attention over the cache (online softmax), and the o
   projection's LoRA down projection of its head.
@@ -181,7 +182,7 @@ def _lora_args(lora: tuple | None, fallback: torch.Tensor) -> tuple:
 
 def residual_norm(h: torch.Tensor, h_out: torch.Tensor, y: torch.Tensor | None = None, y_lora: tuple | None = None,
                   norm: tuple | None = None, a: torch.Tensor | None = None, t_a: torch.Tensor | None = None,
-                  rows_per_program: int = 4) -> None:
+                  rows_per_program: int = 1) -> None:
     """h_out = h + round(y + scale * B @ sum(t partials)) (y_lora = (t [M, P, R], B, scale)); with norm = (weight,
     eps, x): x = RMSNorm(h_out) * weight, and t_a[m] = a @ x[m] (fp32) when a is given."""
     m, k = h.shape
@@ -199,7 +200,7 @@ def residual_norm(h: torch.Tensor, h_out: torch.Tensor, y: torch.Tensor | None =
 def decode_attention(y: torch.Tensor, qkv_lora: tuple | None, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, sm_scale: float,
                      out: torch.Tensor, heads: int, kv_heads: int, a_o: torch.Tensor | None = None,
-                     t_o: torch.Tensor | None = None, block: int = 64) -> None:
+                     t_o: torch.Tensor | None = None, block: int = 128) -> None:
     """One query per row over a static cache [M, kv_heads, L, D]. y: the joined q, k, v product [M, (heads +
     2 kv_heads) D]; qkv_lora: (t [M, 1, R], B, scale) of their adapter. Writes this token's k, v at slot `pos` (a
     device scalar) and the attention output [M, heads D]; with a_o, t_o[m, h] = a_o[:, head h] @ out[m, head h]."""

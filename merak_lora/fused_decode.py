@@ -9,7 +9,8 @@ product with its LoRA, the norm and q, k, v's LoRA down projections; the q, k, v
 rotary, cache write, attention and o's down projection; the o product; the residual add, norm and gate's and up's
 down projections; the gate and up product; their up projections, SiLU and down's down projection; the down
 product, whose residual add opens the next layer. The products are the bases' own (the joined q, k, v and gate, up
-of shared_products.py; o's and down's base layers): bitsandbytes' 4-bit one, cuBLAS for 16-bit. The step reads
+of shared_products.py; o's and down's base layers): cuBLAS for 16-bit, and for 4-bit merak-lora's CUDA product
+(four_bit_cuda.py) where it builds and serves, else bitsandbytes'. The step reads
 the stage's tensors in place, writes the static cache transformers' layers read at the prompt and advances its
 lengths, so prompt and tokens may come from either path. On CUDA it is replayed as a CUDA graph
 (decode.GraphedStep) like the step it replaces.
@@ -29,6 +30,7 @@ import torch.nn as nn
 from transformers import StaticCache
 
 from . import decode_kernels as kernels
+from . import four_bit_cuda
 from .shared_products import base_layer, lora_adapters, plain_adapters, serving
 
 LAYERS = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}
@@ -128,7 +130,7 @@ class FusedStep:
     """One stage's one-token forward for one request (a batch of M rows and its static cache)."""
 
     def __init__(self, stage, cache: StaticCache, layers: list[LayerWeights], adapter: str | bool, rows: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, own_4bit: bool):
         lm = stage.base_lm()
         self.cache, self.rows, self.layers = cache, rows, layers
         self.decoder = lm.get_decoder()
@@ -138,6 +140,9 @@ class FusedStep:
         self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
         self.scaling = attn.scaling
         self.products = [w.products() for w in layers]
+        if own_4bit:  # merak-lora's 4-bit product where it serves (four_bit_cuda.py), else the base's own
+            self.products = [tuple(four_bit_cuda.product_for(p, dtype, rows) or p for p in per)
+                             for per in self.products]
         self.lora = [(_group_lora(w.qkv_group, adapter, dtype), _single_lora(w.o_proj, adapter, dtype),
                       _group_lora(w.gate_up_group, adapter, dtype), _single_lora(w.down_proj, adapter, dtype))
                      for w in layers]
@@ -154,8 +159,9 @@ class FusedStep:
         self.t_down = new(rows, -(-intermediate // kernels.GATED_COLUMNS), ranks[3], dt=torch.float32)
 
     @classmethod
-    def build(cls, stage, cache, rows: int, dtype: torch.dtype) -> "FusedStep | str":
-        """The step for this request, or why the stage keeps the transformers step."""
+    def build(cls, stage, cache, rows: int, dtype: torch.dtype, own_4bit: bool = True) -> "FusedStep | str":
+        """The step for this request, or why the stage keeps the transformers step. `own_4bit`: 4-bit products
+        by merak-lora's CUDA product where it serves, else bitsandbytes'."""
         if not isinstance(cache, StaticCache):
             return "the model decodes with a growing cache"
         layers = stage_weights(stage)
@@ -171,7 +177,7 @@ class FusedStep:
         owned = [cache.layers[w.layer_idx] for w in layers]
         if not all(layer.is_initialized and layer.keys.dtype == dtype for layer in owned):
             return "the cache holds no prompt yet"
-        step = cls(stage, cache, layers, adapters.pop(), rows, dtype)
+        step = cls(stage, cache, layers, adapters.pop(), rows, dtype, own_4bit)
         if any(len({lo.a.shape[0] for lo in (per[i] for per in step.lora) if lo is not None}) > 1 for i in range(4)):
             return "the adapter's rank differs from layer to layer"
         return step

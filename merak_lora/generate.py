@@ -163,6 +163,7 @@ class PipelineGenerator:
         self.compiled = False  # the one-token step of each stage compiled (decode.compiled_stage_step)
         self.fused = runs_on(layout.device)  # merak-lora's own one-token step where a stage allows (fused_decode.py)
         self.fused_notes: set = set()  # (stage, reason) already logged for stages that keep the transformers step
+        self.own_4bit = True  # the fused step's 4-bit products are merak-lora's CUDA ones where they build
         self.ahead = True  # the host reads a step's tokens while the next runs (_run; bench/decode.py compares)
         # one stage per rank: a batch of at least as many prompts as stages decodes as that many groups at once;
         # not for models that keep decoding state in their own modules (transformers marks them `_is_stateful`:

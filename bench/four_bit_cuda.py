@@ -1,0 +1,96 @@
+"""The CUDA 4-bit product for a few rows (merak_lora/four_bit_cuda.py) against bitsandbytes' on a GPU: the error
+of each against the codes decoded in float64, and their times at Llama-3-8B's decode shapes (q, k, v joined; o;
+gate, up joined; down), timed as CUDA-graph replays over enough copies of the weight to miss the L2 cache.
+
+    python bench/four_bit_cuda.py [--rows 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import RESULTS, markdown_table, report  # noqa: E402
+from bench.decode import copy_bandwidth  # noqa: E402
+
+SHAPES = {"q, k, v": (6144, 4096), "o": (4096, 4096), "gate, up": (28672, 4096), "down": (4096, 14336)}
+
+
+def replay_us(calls, copies: int) -> float:
+    """Microseconds per call: `copies` calls (one per weight copy) captured in a graph, replayed 20 times."""
+    import torch
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (20 * copies)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--results", default=RESULTS)
+    a = ap.parse_args()
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+    import torch
+
+    from merak_lora.four_bit_cuda import build, planes
+
+    ext = build()  # a compiler error shows whole here
+    torch.manual_seed(0)
+    rows_out, notes = [], [f"Device copy: {copy_bandwidth() / 1e12:.2f} TB/s."]
+    for (name, (n, k)), m in itertools.product(SHAPES.items(), [int(r) for r in a.rows.split(",")]):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        codes, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        del w
+        table = planes(state.code)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        unpacked = torch.stack([codes.view(-1) >> 4, codes.view(-1) & 15], 1).view(n, k).long()
+        values = state.code.float().to(torch.bfloat16).double()
+        ref = x.double() @ (values[unpacked] * state.absmax.double().repeat_interleave(64).view(n, k)).T
+        del unpacked
+        errs = {}
+        for per in (2, 4, 8):
+            ours = ext.rows_product(x, codes, state.absmax, None, n, 64, table, per).double()
+            errs[per] = ((ours - ref).norm() / ref.norm()).item()
+        theirs = bnb.matmul_4bit(x, codes.t(), quant_state=state).double()
+        err_bnb = ((theirs - ref).norm() / ref.norm()).item()
+        nbytes = codes.numel() + state.absmax.numel() * 4
+        copies = max(1, -(-120_000_000 // nbytes))  # more than twice the 50 MB L2
+        many = [codes.clone() for _ in range(copies)]
+        bnb_us = replay_us([lambda c=c: bnb.matmul_4bit(x, c.t(), quant_state=state) for c in many], copies)
+        timed = {per: replay_us([lambda c=c, per=per: ext.rows_product(x, c, state.absmax, None, n, 64, table, per)
+                                 for c in many], copies) for per in (2, 4, 8)}
+        best = min(timed, key=timed.get)
+        rows_out.append([name, f"{n} x {k}", m, f"{bnb_us:.1f}", f"{nbytes / bnb_us / 1e6:.2f}",
+                         f"{timed[best]:.1f}", f"{nbytes / timed[best] / 1e6:.2f}", f"{bnb_us / timed[best]:.2f}x",
+                         best, " / ".join(f"{timed[p]:.1f}" for p in (2, 4, 8)),
+                         f"{max(errs.values()):.1e} / {err_bnb:.1e}"])
+        print(" | ".join(map(str, rows_out[-1])), flush=True)
+        del many
+    table = markdown_table(["weight", "N x K", "rows", "bitsandbytes us", "TB/s", "CUDA product us (best)", "TB/s",
+                            "speed-up", "rows a block", "us at 2 / 4 / 8 rows a block",
+                            "error vs float64 (bf16 outputs): ours / bitsandbytes"], rows_out)
+    report("The CUDA 4-bit product for a few rows against bitsandbytes', llama3-8b shapes", table, " ".join(notes),
+           a.results)
+
+
+if __name__ == "__main__":
+    main()
