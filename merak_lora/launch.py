@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from .signal_count import SignalCount
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 PRIORITY = (2, 3, 1, 130, 75, 4)  # the code that explains the outcome best comes first
 GRACE_S = 30.0
@@ -89,6 +91,7 @@ class Ranks:
                                                start_new_session=True, preexec_fn=_prepare_rank))
         self.interrupts = 0
         self.kill_at: float | None = None
+        self.arrivals: SignalCount | None = None  # set by main() before the handlers
 
     def signal_all(self, signum: int) -> None:
         for p in self.procs:
@@ -99,9 +102,11 @@ class Ranks:
                     pass
 
     def on_signal(self, signum: int, frame) -> None:
-        self.signal_all(signum)
+        times = self.arrivals.arrived(signum) if self.arrivals is not None else 1  # passed on as often as it came
+        for _ in range(times):
+            self.signal_all(signum)
         if signum == signal.SIGINT:
-            self.interrupts += 1
+            self.interrupts += times
             if self.interrupts >= 2:
                 self.kill_at = time.monotonic() + KILL_AFTER_S
 
@@ -136,6 +141,7 @@ def outcome(codes: list[int], first_rank: int) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     ranks = Ranks(a)
+    ranks.arrivals = SignalCount()
     for sig in FORWARDED:
         signal.signal(sig, ranks.on_signal)
     code, line = outcome(ranks.wait(), ranks.first_rank)

@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .optim import LossScale
 from .progress import LearningRate, RunLength
 from .schedule import Pipeline
+from .signal_count import SignalCount
 
 log = logging.getLogger("merak_lora")
 
@@ -108,6 +109,7 @@ class Trainer:
         self.switches = switches          # by stage: the dropout streams a checkpoint keeps
         self.round = rounds(jobs)[0]
         self._stop_signal = 0.0
+        self._signals: SignalCount | None = None  # while train() runs in the main thread
         self.stopped_by = 0.0            # the stop request the loop ended on (0: it ran to the end)
         self.last_saved = -1
         self.seconds = 0.0
@@ -219,6 +221,7 @@ class Trainer:
         """Run every adapter to its last step, or until a stop signal: then finish the step, save, and return
         with `self.stopped_by` set."""
         handled = (*PREEMPTION_SIGNALS, signal.SIGINT)
+        self._signals = SignalCount() if _main_thread() else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in handled} if _main_thread() else {}
         started = time.perf_counter()
         try:
@@ -247,6 +250,9 @@ class Trainer:
             self.seconds = time.perf_counter() - started
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._signals is not None:
+                self._signals.close()
+                self._signals = None
 
     def _running_losses(self) -> dict[str, tuple[float, int]]:
         """Each adapter's mean loss since its last log line (what that line will show), for the progress bar."""
@@ -307,7 +313,8 @@ class Trainer:
         return both[0].item() / max(both[1].item(), 1.0)
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self._stop_signal:
+        arrived = self._signals.arrived(signum) if self._signals is not None else 1  # two Ctrl-Cs at once: a second
+        if signum == signal.SIGINT and (self._stop_signal or arrived > 1):
             sys.stderr.write("\nsecond Ctrl-C: stopping now, without saving\n")
             sys.stderr.flush()
             os._exit(130)
