@@ -12,6 +12,7 @@ step keeps bitsandbytes' product and the log says why once.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -172,9 +173,6 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
 _CPP = ("torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, "
         "c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize, std::vector<int64_t> planes, int64_t rows);")
 
-_built: dict = {}
-
-
 def build():
     """Compile the product (PyTorch caches the build on disk); raises what the compiler says."""
     from torch.utils.cpp_extension import load_inline
@@ -182,17 +180,16 @@ def build():
                        extra_cuda_cflags=["-O3"], verbose=False)
 
 
+@functools.cache
 def extension():
     """The compiled product (built once per process), or a string saying why it is not there (logged once)."""
-    if "module" not in _built:
-        log.info("building merak-lora's 4-bit CUDA product (once; PyTorch keeps the build)")
-        try:
-            _built["module"] = build()
-        except Exception as e:  # noqa: BLE001 - no nvcc, another CUDA, a compiler error: bitsandbytes' product serves
-            _built["module"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''}"
-            log.warning(f"4-bit products stay bitsandbytes': merak-lora's CUDA product did not build "
-                        f"({_built['module']})")
-    return _built["module"]
+    log.info("building merak-lora's 4-bit CUDA product (once; PyTorch keeps the build)")
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - no nvcc, another CUDA, a compiler error: bitsandbytes' product serves
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''}"
+        log.warning(f"4-bit products stay bitsandbytes': merak-lora's CUDA product did not build ({why})")
+        return why
 
 
 def _weight(product) -> tuple | None:
@@ -226,11 +223,14 @@ def unserved(product, dtype: torch.dtype, rows: int) -> str | None:
 def product_for(product, dtype: torch.dtype, rows: int):
     """merak-lora's product in place of a 4-bit base product for `rows` rows in bf16, or None where it does not
     serve (`unserved`, or no build)."""
-    if unserved(product, dtype, rows) is not None or isinstance(extension(), str):
+    if unserved(product, dtype, rows) is not None:
+        return None
+    ext = extension()
+    if isinstance(ext, str):
         return None
     codes, state, bias = _weight(product)
     n = state.shape[0]
-    ext, table, absmax = extension(), planes(state.code), state.absmax.float()
+    table, absmax = planes(state.code), state.absmax.float()
     bias = None if bias is None else bias.to(torch.bfloat16)
     per = 4 if rows > 1 else 8 if n > 16384 else 2  # rows a block: the fastest at 8B's shapes (bench/RESULTS.md)
     return lambda x: ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, per)

@@ -91,7 +91,7 @@ class Ranks:
                                                start_new_session=True, preexec_fn=_prepare_rank))
         self.interrupts = 0
         self.kill_at: float | None = None
-        self.arrivals: SignalCount | None = None  # set by main() before the handlers
+        self.arrivals = SignalCount()  # made in the main thread, before main() sets the handlers that ask it
 
     def signal_all(self, signum: int) -> None:
         for p in self.procs:
@@ -102,7 +102,7 @@ class Ranks:
                     pass
 
     def on_signal(self, signum: int, frame) -> None:
-        times = self.arrivals.arrived(signum) if self.arrivals is not None else 1  # passed on as often as it came
+        times = self.arrivals.arrived(signum)  # passed on as often as it came
         for _ in range(times):
             self.signal_all(signum)
         if signum == signal.SIGINT:
@@ -141,7 +141,6 @@ def outcome(codes: list[int], first_rank: int) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     ranks = Ranks(a)
-    ranks.arrivals = SignalCount()
     for sig in FORWARDED:
         signal.signal(sig, ranks.on_signal)
     code, line = outcome(ranks.wait(), ranks.first_rank)

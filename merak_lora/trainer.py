@@ -109,7 +109,7 @@ class Trainer:
         self.switches = switches          # by stage: the dropout streams a checkpoint keeps
         self.round = rounds(jobs)[0]
         self._stop_signal = 0.0
-        self._signals: SignalCount | None = None  # while train() runs in the main thread
+        self._signals: SignalCount | None = None  # while train() holds the signal handlers (main thread)
         self.stopped_by = 0.0            # the stop request the loop ended on (0: it ran to the end)
         self.last_saved = -1
         self.seconds = 0.0
@@ -221,8 +221,9 @@ class Trainer:
         """Run every adapter to its last step, or until a stop signal: then finish the step, save, and return
         with `self.stopped_by` set."""
         handled = (*PREEMPTION_SIGNALS, signal.SIGINT)
-        self._signals = SignalCount() if _main_thread() else None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled} if _main_thread() else {}
+        main = _main_thread()  # signal handlers can only be set there
+        self._signals = SignalCount() if main else None
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled} if main else {}
         started = time.perf_counter()
         try:
             while any(j.active for j in self.jobs):
@@ -313,8 +314,8 @@ class Trainer:
         return both[0].item() / max(both[1].item(), 1.0)
 
     def _on_signal(self, signum, frame) -> None:
-        arrived = self._signals.arrived(signum) if self._signals is not None else 1  # two Ctrl-Cs at once: a second
-        if signum == signal.SIGINT and (self._stop_signal or arrived > 1):
+        # set only while train() holds the handlers; two Ctrl-Cs that reached one handler call count as a second
+        if signum == signal.SIGINT and (self._stop_signal or self._signals.arrived(signum) > 1):
             sys.stderr.write("\nsecond Ctrl-C: stopping now, without saving\n")
             sys.stderr.flush()
             os._exit(130)
