@@ -329,7 +329,7 @@ def _pipeline_generator(cfg: GenConfig, tokenizer, ckpt, meta, world: int):
         for s in stages:
             adapters_in_dtype(s.model, compute_dtype(cfg))
     for s in stages:
-        group_for_generation(s.model)
+        gen.joined += group_for_generation(s.model)
     return gen, tokenizer, layout
 
 

@@ -1,7 +1,8 @@
 """Text generation across the pipeline, and in one process for users without a cluster.
 
 Pipeline mode: prefill, then one token at a time. Each stage keeps its own KV cache for its own layers (of fixed
-size, with each token's step replayed as a CUDA graph where the model allows: decode.py); hidden states go stage
+size, with each token's step replayed as a CUDA graph where the model allows: decode.py; both kept for the next
+request of the same shape and model); hidden states go stage
 to stage with point-to-point sends, and the next tokens go from the last stage to every rank of
 the pipeline, so all ranks know when to stop. Rank 0 drives: it sends each request (prompts, sampling settings,
 and which adapter answers: none, the one loaded, or one of several by name) to the other ranks, which serve
@@ -23,10 +24,12 @@ import torch.distributed as dist
 from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from .decode import StageCache, StageDecoder, StaticStageCache, attention_bias, cache_length, static_decoding
+from .decode import (DecoderPool, StageCache, StageDecoder, StaticStageCache, attention_bias, cache_length,
+                     static_decoding)
 from .decode_kernels import runs_on
 from .layout import Layout, rank_of_stage
 from .lora import AdapterSwitch, adapters_off
+from .shared_products import SharedProducts
 from .stage import Stage
 
 TokenCallback = Callable[[list[int], list[bool]], None]
@@ -170,6 +173,12 @@ class PipelineGenerator:
         # RecurrentGemma), which one group would overwrite for another
         self.in_flight = (self.num_stages > 1 and layout.chunks == 1 and not layout.v_shape
                           and not getattr(self.stages[0].base_lm(), "_is_stateful", False))
+        self.joined: list[SharedProducts] = []  # the stages' joined linears (chat.py makes them once this is built)
+        # the decoders of ended requests (decode.DecoderPool), enough for a request of each model a comparison asks
+        # in turn (chat.py answers every prompt with the base and each adapter), or of two shapes of one model; each
+        # holds its KV cache, so more would keep GPU memory for shapes seldom asked again
+        per_request = self.num_stages if self.in_flight else len(self.stages)
+        self.pool = DecoderPool((1 + max(1, len(self.adapters))) * per_request)
 
     def _global(self, pp_rank: int) -> int:
         return self.layout.global_rank_of(pp_rank)
@@ -196,6 +205,7 @@ class PipelineGenerator:
 
     def close(self) -> None:
         self._broadcast(("exit", None, None, None), self.driver)
+        self.pool.clear()
 
     # the other ranks ----------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -205,6 +215,7 @@ class PipelineGenerator:
             while True:
                 cmd, prompts, sampling, adapter = self._broadcast(None, self.driver)
                 if cmd == "exit":
+                    self.pool.clear()
                     return
                 self._ctrl_c = False
                 with _on_ctrl_c(self._note_ctrl_c):
@@ -218,6 +229,32 @@ class PipelineGenerator:
         return adapter_used([s.model for s in stages], [s.adapters for s in stages if s.adapters is not None],
                             adapter)
 
+    def _key(self, stage: Stage, rows: int, length: int, adapter: Adapter) -> tuple:
+        """What a stage's decoder is built for, as its cache and one-token step depend on it: the cache's shape and
+        dtype, the model answering (the adapter folded into the base or apart from it), and the settings its step
+        was made under (bench/decode.py changes them between requests)."""
+        return (stage.spec.index, rows, length, self.act_dtype, adapter, self.merged, self.graphs, self.compiled,
+                self.fused, self.own_4bit, tuple(g.on for g in self.joined))
+
+    @contextlib.contextmanager
+    def _decoders(self, stages: list[Stage], groups: list[list[int]], length: int,
+                  adapter: Adapter) -> Iterator[list[dict[int, StageDecoder]]]:
+        """Each group's decoders for `stages`: kept ones where the key matches, else new. They are kept only when
+        the request ends without raising (Ctrl-C's stop is an ordinary end; its half-filled caches are reset when
+        taken), as an exception may leave a cache or a capture half done. A growing cache is not kept."""
+        keys = [(s, self._key(s, len(rows), length, adapter)) for rows in groups for s in stages]
+        kept = self.pool.take([k for _, k in keys]) if self.static else [None] * len(keys)
+        made = [StageDecoder(s, self._cache(s, length), self) if d is None else d for (s, _), d in zip(keys, kept)]
+        n = len(stages)
+        yield [{s.spec.index: d for s, d in zip(stages, made[i:i + n])} for i in range(0, len(made), n)]
+        if self.static:  # not reached when the request raised
+            self.pool.give([(k, d) for (_, k), d in zip(keys, made)])
+
+    def _cache(self, stage: Stage, length: int) -> StageCache | StaticStageCache:
+        owned = range(stage.spec.start, stage.spec.stop)
+        return StaticStageCache(self.model_config, owned, length) if self.static \
+            else StageCache(self.model_config, owned)
+
     @torch.no_grad()
     def _run(self, prompts: list[list[int]], sampling: Sampling, adapter: Adapter,
              on_token: TokenCallback | None) -> list[list[int]]:
@@ -229,7 +266,8 @@ class PipelineGenerator:
             return self._run_in_flight(prompts, sampling, adapter, on_token)
         device = self.layout.device
         ids, mask = left_pad(prompts, self.pad_id, device)
-        req = _Request(self, list(range(len(prompts))), ids, mask, sampling, device, self.stages)
+        length = cache_length(ids.shape[1] + sampling.max_new_tokens)
+        rows = list(range(len(prompts)))
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # as the host last saw them
@@ -243,13 +281,15 @@ class PipelineGenerator:
                 self.interrupted = True
                 return True
             before = list(stopper.done)
-            done = stopper.take(req.rows, values, generated, on_token)
+            done = stopper.take(rows, values, generated, on_token)
             if done != before:
                 finished = torch.tensor(done, device=device)
             return all(done)
 
         unread: list[_HostTokens] = []  # queued steps whose tokens the host has not read (at most one)
-        with self._answering(self.stages, adapter):
+        with self._decoders(self.stages, [rows], length, adapter) as (decoders,), \
+                self._answering(self.stages, adapter):
+            req = _Request(self, rows, ids, mask, sampling, device, decoders, length)
             for step in range(sampling.max_new_tokens):
                 q = req.step_ids.shape[1]
                 logits = self._forward(req.step_ids, req.seen(q), req.positions, req.decoders)
@@ -310,8 +350,8 @@ class PipelineGenerator:
         first, last = r == 0, r == p - 1
         prev, nxt = self._global((r - 1) % p), self._global((r + 1) % p)
         ids, mask = left_pad(prompts, self.pad_id, device)
-        groups = [_Request(self, rows, ids[rows], mask[rows], sampling, device, [stage])
-                  for rows in _split(len(prompts), p)]
+        length = cache_length(ids.shape[1] + sampling.max_new_tokens)
+        splits = _split(len(prompts), p)
         generated: list[list[int]] = [[] for _ in prompts]
         stopper = StopChecker(self.tokenizer, self.eos_ids, sampling.stop, len(prompts))
         sends: list = []  # (work, tensor): a tensor stays referenced until its send completes
@@ -320,7 +360,9 @@ class PipelineGenerator:
             sends.append((dist.isend(t, dst=dst, group=self.layout.pp_group), t))
         self.interrupted = False
         tick = -1
-        with self._answering([stage], adapter):
+        with self._decoders([stage], splits, length, adapter) as decoders, self._answering([stage], adapter):
+            groups = [_Request(self, rows, ids[rows], mask[rows], sampling, device, d, length)
+                      for rows, d in zip(splits, decoders)]
             while any(g.alive for g in groups):
                 tick += 1
                 g = groups[(tick - r) % p]
@@ -359,8 +401,8 @@ class PipelineGenerator:
                     send(out.to(self.act_dtype).clone(), nxt)
                     if not first:
                         g.step_ids = g.step_ids[:, -1:]  # only its width matters here: one token from now on
-        for work, _ in sends:
-            work.wait()
+            for work, _ in sends:
+                work.wait()
         return generated
 
     def _take(self, g: "_Request", tokens: torch.Tensor, generated: list[list[int]], stopper: StopChecker,
@@ -397,23 +439,19 @@ class _HostTokens:
 
 class _Request:
     """Rows of a batch going through the pipeline together (the whole batch in lockstep, or one group of it in
-    flight): their ids, mask and positions, this rank's cache and step for each of its stages, and (on the last
-    stage) what sampling needs."""
+    flight): their ids, mask and positions, this rank's cache and step for each of its stages (kept from an
+    earlier request or new: `PipelineGenerator._decoders`), and (on the last stage) what sampling needs, which is
+    the request's own."""
 
     def __init__(self, gen: PipelineGenerator, rows: list[int], ids: torch.Tensor, mask: torch.Tensor,
-                 sampling: Sampling, device: torch.device, stages: list[Stage]):
+                 sampling: Sampling, device: torch.device, decoders: dict[int, StageDecoder], length: int):
         self.rows, self.mask, self.static, self.act_dtype = rows, mask, gen.static, gen.act_dtype
         self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        if gen.static:
+        if gen.static:  # `length` cache slots: the prompt's, the answer's, and the masked rest
             used = ids.shape[1] + sampling.max_new_tokens
             self.key_ok = torch.cat([mask.bool(), mask.new_ones(len(rows), sampling.max_new_tokens, dtype=torch.bool),
-                                     mask.new_zeros(len(rows), cache_length(used) - used, dtype=torch.bool)], dim=1)
-
-        def cache(stage: Stage) -> StageCache | StaticStageCache:
-            owned = range(stage.spec.start, stage.spec.stop)
-            return StaticStageCache(gen.model_config, owned, self.key_ok.shape[1]) \
-                if gen.static else StageCache(gen.model_config, owned)
-        self.decoders = {s.spec.index: StageDecoder(s, cache(s), gen) for s in stages}
+                                     mask.new_zeros(len(rows), length - used, dtype=torch.bool)], dim=1)
+        self.decoders = decoders
         self.step_ids, self.history = ids, ids
         self.processors = sampling.processors()
         self.rngs = row_generators(sampling.seed, rows, device)

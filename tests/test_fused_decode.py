@@ -188,6 +188,28 @@ def test_other_families_and_targets(tmp_path, model_type, targets):
     assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
 
 
+def test_the_next_request_of_the_same_shape_keeps_the_fused_step(tmp_path):
+    """The fused step a request built (each 4-bit weight's quant state converted, buffers made) serves the next
+    request of the same shape as it is, and its answers are a fresh step's."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.fused_decode import FusedStep
+    from merak_lora.tiny import make_tiny_model
+    folder = make_tiny_model(str(tmp_path / "llama"), "llama", num_layers=2)
+    meta = {"lora": {"r": 4, "lora_alpha": 8, "target_modules": ALL, "init_lora_weights": False}}
+    cfg = GenConfig(model_path=folder, max_new_tokens=2, device="cpu", compare_base=True)  # one token fused
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(folder), None, meta, 1)
+    gen.generate([[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]], cfg.sampling())
+    ((_, decoder),) = gen.pool.entries
+    step = decoder.fused
+    assert isinstance(step, FusedStep)
+    other = [[8, 2, 51, 19], [70, 6, 33, 14, 21, 9, 45]]
+    again = gen.generate(other, cfg.sampling())
+    assert gen.pool.entries[0][1] is decoder and decoder.fused is step
+    gen.pool.clear()
+    assert gen.generate(other, cfg.sampling()) == again
+    assert gen.pool.entries[0][1].fused is not step
+
+
 def test_a_stage_the_fused_step_cannot_serve_says_why_once(tiny_llama, memorised, caplog):  # noqa: F811
     """With the growing cache (a model without static decoding) every token runs the transformers layers, and
     the log says why once per stage, not once per request."""

@@ -3,10 +3,13 @@ interactive chat through a pipe, and --compare_base showing what fine-tuning cha
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -49,7 +52,9 @@ def _encode(model: str, prompts: list[str]) -> list[list[int]]:
                                     tokenize=False) for p in prompts], tok
 
 
-def _pipeline_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int, sampling: dict):
+def _pipeline_generate(model: str, ckpt: str, prompts: list[list[int]], max_new: int, sampling: dict,
+                       adapters: tuple = (True, False)):
+    """The answers with each of `adapters` in turn (by default the tuned ones, then the base's)."""
     from merak_lora.chat import GenConfig, build_generator
     cfg = GenConfig(model_path=model, resume_peft_from_checkpoint=ckpt, max_new_tokens=max_new, device="cpu",
                     compare_base=True, **sampling)
@@ -57,10 +62,25 @@ def _pipeline_generate(model: str, ckpt: str, prompts: list[list[int]], max_new:
     if layout is not None and layout.rank != 0:
         gen.serve()
         return None
-    tuned = gen.generate(prompts, cfg.sampling(), adapter=True)
-    base = gen.generate(prompts, cfg.sampling(), adapter=False)
+    answers = tuple(gen.generate(prompts, cfg.sampling(), adapter=a) for a in adapters)
     gen.close()
-    return tuned, base
+    return answers
+
+
+@contextlib.contextmanager
+def _counting_caches() -> Iterator[list]:
+    """Counts the static caches generation makes meanwhile (each rank its own)."""
+    from merak_lora import generate
+    made, real = [], generate.StaticStageCache
+
+    def counted(*args):
+        made.append(1)
+        return real(*args)
+    generate.StaticStageCache = counted
+    try:
+        yield made
+    finally:
+        generate.StaticStageCache = real
 
 
 def _ids(model: str) -> list[list[int]]:
@@ -193,7 +213,7 @@ def test_interactive_chat_through_a_pipe(tiny_llama, memorised):
 
 def _interrupted_at_third_token(model: str, ckpt: str, prompt: list[int]):
     """Rank 0 answers in full, then again with a real SIGINT sent to both ranks (as Ctrl-C reaches a job's
-    process group) when its third token arrives, then in full once more."""
+    process group) when its third token arrives, then in full once more; every rank counts the caches it made."""
     import signal
 
     import torch.distributed as dist
@@ -204,33 +224,109 @@ def _interrupted_at_third_token(model: str, ckpt: str, prompt: list[int]):
     gen, _, layout = build_generator(cfg)
     pids = [None, None]
     dist.all_gather_object(pids, os.getpid())
-    if layout.rank != 0:
-        gen.serve()
-        return None
-    full = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
-    seen = []
+    with _counting_caches() as made:
+        if layout.rank != 0:
+            gen.serve()
+            return len(made)
+        full = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
+        seen = []
 
-    def on_token(tokens, done):
-        seen.append(tokens[0])
-        if len(seen) == 3:
-            for pid in pids:
-                os.kill(pid, signal.SIGINT)
-    cut = gen.generate([prompt], cfg.sampling(), adapter=False, on_token=on_token)[0]
-    interrupted = gen.interrupted
-    again = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
-    gen.close()
-    return full, cut, interrupted, again, seen
+        def on_token(tokens, done):
+            seen.append(tokens[0])
+            if len(seen) == 3:
+                for pid in pids:
+                    os.kill(pid, signal.SIGINT)
+        cut = gen.generate([prompt], cfg.sampling(), adapter=False, on_token=on_token)[0]
+        interrupted = gen.interrupted
+        again = gen.generate([prompt], cfg.sampling(), adapter=False)[0]
+        gen.close()
+    return full, cut, interrupted, again, seen, len(made)
 
 
 def test_ctrl_c_cuts_an_answer_short_on_every_rank(tiny_llama, memorised):
     """The host reads each step's tokens while the next step runs (generate.py); Ctrl-C still stops both
-    ranks at one token, the answer is what was shown so far, and the next request answers in full."""
+    ranks at one token, the answer is what was shown so far, and the next request answers in full from the
+    cache the cut one left half filled (each rank made one cache for the three requests of one shape)."""
     ckpt, _ = memorised
-    full, cut, interrupted, again, seen = run_ranks(_interrupted_at_third_token, 2, tiny_llama, ckpt,
-                                                    _ids(tiny_llama)[0])[0]
+    (full, cut, interrupted, again, seen, made), made_last = run_ranks(_interrupted_at_third_token, 2, tiny_llama,
+                                                                       ckpt, _ids(tiny_llama)[0])
     assert len(full) == 24, "the base's answer ran to the length limit"
     assert interrupted and 3 <= len(cut) < len(full) and cut == full[:len(cut)] == seen
     assert again == full
+    assert made == made_last == 1
+
+
+def test_a_request_of_the_same_shape_takes_the_last_ones_cache(tiny_llama, memorised):
+    """A request of the same rows, cache length and model takes the cache (and step) an earlier one left, reset,
+    and answers as a fresh generator does; another model or shape makes its own, the least recently used of the
+    two kept is dropped and freed, a request that raised leaves nothing behind, and close() frees them all."""
+    from merak_lora.chat import GenConfig, _pipeline_generator
+    from merak_lora.checkpoint import read_meta
+    ckpt, _ = memorised
+    cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=12, device="cpu",
+                    compare_base=True)
+    gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
+    batches = {"these": _ids(tiny_llama)}
+    batches["reversed"] = batches["these"][::-1]  # the same shape, another prompt in every row
+
+    def answer(batch: str, adapter: bool = True, **kw) -> list[list[int]]:
+        return gen.generate(batches[batch], cfg.sampling(), adapter=adapter, **kw)
+
+    def kept() -> list:
+        return [d.cache for _, d in gen.pool.entries]
+    fresh = {}
+    for batch in batches:
+        for adapter in (True, False):
+            gen.pool.clear()
+            fresh[batch, adapter] = answer(batch, adapter)
+    assert fresh["these", True] != fresh["reversed", True] != fresh["reversed", False]
+    gen.pool.clear()
+    assert answer("these") == fresh["these", True]
+    (tuned,) = kept()
+    assert answer("reversed") == fresh["reversed", True]
+    assert len(kept()) == 1 and kept()[0] is tuned
+    assert answer("reversed", False) == fresh["reversed", False]
+    assert len(kept()) == 2 and kept()[0] is tuned and kept()[1] is not tuned
+    base = weakref.ref(kept()[1])
+    assert answer("these") == fresh["these", True] and kept()[0] is base() and kept()[1] is tuned
+    gen.generate(batches["these"][:3], cfg.sampling())  # another shape: the base's cache, used least recently, goes
+    assert base() is None and len(kept()) == 2 and kept()[0] is tuned
+
+    def fails(tokens, done):
+        raise RuntimeError("the caller's callback failed")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        answer("reversed", on_token=fails)
+    assert len(kept()) == 1 and kept()[0] is not tuned
+    assert answer("reversed") == fresh["reversed", True]
+    gen.close()
+    assert kept() == []
+
+
+def test_a_kept_cache_is_reset_in_place():
+    """Taken from the pool, a cache is as new (keys, values and lengths zero; layers it does not own still
+    unallocated) in the same tensors, which a captured graph reads; the least recently given goes first."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from merak_lora.decode import DecoderPool, StaticStageCache
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    cache = StaticStageCache(config, range(1, 3), 16)
+    for layer in (1, 2):
+        cache.update(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), layer)
+    tensors = [(layer.keys, layer.values, layer.cumulative_length) for layer in cache.layers[1:3]]
+    assert all(n.item() == 5 for n in cache.lengths())
+    pool = DecoderPool(2)
+    pool.give([("a", SimpleNamespace(cache=cache)), ("b", SimpleNamespace(cache=None))])
+    taken, missing = pool.take(["a", "c"])
+    assert taken.cache is cache and missing is None
+    assert [key for key, _ in pool.entries] == [], "b went to leave room for a and c"
+    assert not cache.layers[0].is_initialized and not cache.layers[3].is_initialized
+    for layer, (keys, values, length) in zip(cache.layers[1:3], tensors):
+        assert layer.keys is keys and layer.values is values and layer.cumulative_length is length
+        assert not keys.any() and not values.any() and length.item() == 0
+    pool.give([("a", taken), ("c", SimpleNamespace(cache=None)), ("d", SimpleNamespace(cache=None))])
+    assert [key for key, _ in pool.entries] == ["c", "d"]
 
 
 def test_a_family_that_cannot_generate_across_stages_is_refused_before_loading(tmp_path):
@@ -382,7 +478,8 @@ def test_adapter_merged_for_generation_answers_as_unmerged(tiny_llama, memorised
 
 
 def _counting_in_flight(model: str, ckpt: str, prompts: list[list[int]], sampling: dict):
-    """_pipeline_generate on every rank, counting the requests decoded as groups in flight."""
+    """_pipeline_generate on every rank, tuned, base and tuned again, counting the requests decoded as groups in
+    flight and the caches made."""
     from merak_lora.generate import PipelineGenerator
     calls = []
     original = PipelineGenerator._run_in_flight
@@ -392,7 +489,8 @@ def _counting_in_flight(model: str, ckpt: str, prompts: list[list[int]], samplin
         return original(self, *args)
     PipelineGenerator._run_in_flight = counted
     try:
-        return _pipeline_generate(model, ckpt, prompts, 20, sampling), len(calls)
+        with _counting_caches() as made:
+            return _pipeline_generate(model, ckpt, prompts, 20, sampling, (True, False, True)), len(calls), len(made)
     finally:
         PipelineGenerator._run_in_flight = original
 
@@ -400,14 +498,16 @@ def _counting_in_flight(model: str, ckpt: str, prompts: list[list[int]], samplin
 @pytest.mark.parametrize("sampling", [{}, dict(temperature=0.9, top_k=40, seed=5)], ids=["greedy", "sampled"])
 def test_groups_in_flight_answer_as_the_whole_batch(tiny_llama, memorised, sampling):
     """Three stages, five prompts: groups of 1, 2 and 2 rows in the pipeline at once give every row the tokens
-    one process gives the undivided batch, rows finishing at different steps."""
+    one process gives the undivided batch, rows finishing at different steps. Asked again, every rank's groups
+    take the caches the first request left (three per request and model) and answer the same."""
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.checkpoint import read_meta
     ckpt, _ = memorised
     prompts = _ids(tiny_llama) + _ids(tiny_llama)[:1]
     out = run_ranks(_counting_in_flight, 3, tiny_llama, ckpt, prompts, sampling)
-    (tuned, base), calls = out[0]
-    assert calls == 2 and all(c == 2 for _, c in out[1:]), "every rank decoded both requests in groups"
+    (tuned, base, again), calls, _ = out[0]
+    assert calls == 3 and all(c == 3 for _, c, _ in out[1:]), "every rank decoded every request in groups"
+    assert again == tuned and [made for _, _, made in out] == [6, 6, 6]
     cfg = GenConfig(model_path=tiny_llama, resume_peft_from_checkpoint=ckpt, max_new_tokens=20, device="cpu",
                     compare_base=True, **sampling)
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(tiny_llama), ckpt, read_meta(ckpt), 1)
