@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 from bench.common import RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
+LAUNCHES = [(4, 2), (4, 4), (8, 2), (8, 4)]  # the kernel's: warps a block, 64-code groups a warp reads at once
 SHAPES = {"q, k, v": (6144, 4096), "o": (4096, 4096), "gate, up": (28672, 4096), "down": (4096, 14336)}
 
 
@@ -67,26 +68,28 @@ def main() -> None:
         ref = x.double() @ (values[unpacked] * state.absmax.double().repeat_interleave(64).view(n, k)).T
         del unpacked
         errs = {}
-        for per in (2, 4, 8):
-            ours = ext.rows_product(x, codes, state.absmax, None, n, 64, table, per).double()
-            errs[per] = ((ours - ref).norm() / ref.norm()).item()
+        for launch in LAUNCHES:
+            ours = ext.rows_product(x, codes, state.absmax, None, n, 64, table, *launch).double()
+            errs[launch] = ((ours - ref).norm() / ref.norm()).item()
         theirs = bnb.matmul_4bit(x, codes.t(), quant_state=state).double()
         err_bnb = ((theirs - ref).norm() / ref.norm()).item()
         nbytes = codes.numel() + state.absmax.numel() * 4
         copies = max(1, -(-120_000_000 // nbytes))  # more than twice the 50 MB L2
         many = [codes.clone() for _ in range(copies)]
         bnb_us = replay_us([lambda c=c: bnb.matmul_4bit(x, c.t(), quant_state=state) for c in many], copies)
-        timed = {per: replay_us([lambda c=c, per=per: ext.rows_product(x, c, state.absmax, None, n, 64, table, per)
-                                 for c in many], copies) for per in (2, 4, 8)}
+        timed = {launch: replay_us([lambda c=c, launch=launch: ext.rows_product(x, c, state.absmax, None, n, 64,
+                                                                                table, *launch) for c in many], copies)
+                 for launch in LAUNCHES}
         best = min(timed, key=timed.get)
         rows_out.append([name, f"{n} x {k}", m, f"{bnb_us:.1f}", f"{nbytes / bnb_us / 1e6:.2f}",
                          f"{timed[best]:.1f}", f"{nbytes / timed[best] / 1e6:.2f}", f"{bnb_us / timed[best]:.2f}x",
-                         best, " / ".join(f"{timed[p]:.1f}" for p in (2, 4, 8)),
+                         "{} x {}".format(*best), " / ".join(f"{timed[p]:.1f}" for p in LAUNCHES),
                          f"{max(errs.values()):.1e} / {err_bnb:.1e}"])
         print(" | ".join(map(str, rows_out[-1])), flush=True)
         del many
     table = markdown_table(["weight", "N x K", "rows", "bitsandbytes us", "TB/s", "CUDA product us (best)", "TB/s",
-                            "speed-up", "rows a block", "us at 2 / 4 / 8 rows a block",
+                            "speed-up", "warps x groups, best",
+                            "us at " + " / ".join("{} x {}".format(*w) for w in LAUNCHES),
                             "error vs float64 (bf16 outputs): ours / bitsandbytes"], rows_out)
     report("The CUDA 4-bit product for a few rows against bitsandbytes', llama3-8b shapes", table, " ".join(notes),
            a.results)

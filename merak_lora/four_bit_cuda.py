@@ -1,13 +1,16 @@
 """A 4-bit (bitsandbytes NF4/FP4) weight times a few bf16 rows in CUDA C++, for the fused one-token step.
 
-bitsandbytes' own product for one to a few rows reads its packed codes at 0.9-1.2 TB/s on an H100, 30-40% of a
-device copy, and two Triton products that look codes up differently were slower still (bench/RESULTS.md): Triton
-gives no say over registers and occupancy, which this product is bound by. Here one block of 128 threads computes a
-few output rows; each thread takes 16-byte pieces (32 codes, half a block of 64) of all of them at one column
-range, so the 32 x values it converts to float32 serve every row. The 16 table values, rounded to bf16, sit in
-eight registers as byte planes, and `prmt` looks up four codes an instruction and half-table. Each piece's sum is
-scaled once by its block's absmax. Built on first use with PyTorch's extension loader (nvcc); where that fails the
-step keeps bitsandbytes' product and the log says why once.
+bitsandbytes' own product for one to a few rows reads its packed codes at 0.9-1.3 TB/s on an H100, a third of a
+device copy, and two Triton products were slower still (bench/RESULTS.md): Triton gives no say over registers, the
+order of loads and the tensor cores' operand layout, which this product is built on. A warp computes 16 output rows
+with the tensor cores (`mma` m16n8k16: the weight as A, up to 8 rows of x as B, fp32 sums), so the arithmetic left
+to the threads is the look-up alone: the 16 table values, rounded to bf16, sit in eight registers as byte planes,
+and `prmt` turns a word of 8 codes into four bf16 pairs in 16 instructions, pairs that are A's operand registers as
+they stand. A dot product may take its terms in any order, so each lane takes 8 bytes of each of its two rows per
+64-code group, the four lanes of a row together one group, and x is loaded to match; the four `mma` of a group then
+sum codes of one scale, which multiplies their fp32 sums. A block's warps split K and add their sums at the end.
+Built on first use with PyTorch's extension loader (nvcc); where that fails the step keeps bitsandbytes' product
+and the log says why once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 log = logging.getLogger("merak_lora")
 
 MAX_ROWS = 8
+LAUNCH = (8, 4)  # warps a block, 64-code groups a warp reads at once
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -36,142 +40,161 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
   return d;
 }
 
-// the eight codes of w (nibble 0 first) as float32 table values
-__device__ __forceinline__ void lookup8(uint32_t w, const Planes& t, float* f) {
-  uint32_t s = w & 0x77777777u;
-  uint32_t h = ((w >> 1) & 0x44444444u) | 0x32103210u;
+// 8 bytes the L1 does not keep (x stays there)
+__device__ __forceinline__ uint2 stream8(const uint8_t* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// the four bytes of w as bf16 pairs in memory order: p[i] holds byte i's high nibble's value in its low half
+__device__ __forceinline__ void lookup_pairs(uint32_t w, const Planes& t, uint32_t* p) {
+  uint32_t s = w & 0x77777777u;                          // a nibble's entry among eight
+  uint32_t h = ((w >> 1) & 0x44444444u) | 0x32103210u;   // which eight: byte j of the first or the second pick
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    uint32_t lo = prmt(prmt(t.p[0], t.p[1], s), prmt(t.p[2], t.p[3], s), h);
-    uint32_t hi = prmt(prmt(t.p[4], t.p[5], s), prmt(t.p[6], t.p[7], s), h);
-    uint32_t a = prmt(lo, hi, 0x5140u), b = prmt(lo, hi, 0x7362u);
-    f[4 * half + 0] = __uint_as_float(a << 16);
-    f[4 * half + 1] = __uint_as_float(a & 0xffff0000u);
-    f[4 * half + 2] = __uint_as_float(b << 16);
-    f[4 * half + 3] = __uint_as_float(b & 0xffff0000u);
+    const uint32_t lo = prmt(prmt(t.p[0], t.p[1], s), prmt(t.p[2], t.p[3], s), h);
+    const uint32_t hi = prmt(prmt(t.p[4], t.p[5], s), prmt(t.p[6], t.p[7], s), h);
+    p[2 * half] = prmt(lo, hi, 0x4051u);
+    p[2 * half + 1] = prmt(lo, hi, 0x6273u);
     s >>= 16;
     h >>= 16;
   }
 }
 
-template <int XR, int ROWS>
-__global__ void __launch_bounds__(128) four_bit_rows(
-    const __nv_bfloat16* __restrict__ x, int ldx, int m, const uint4* __restrict__ codes,
-    const float* __restrict__ absmax, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
-    int ldo, int n, int k, int blocksize, Planes t) {
-  const int pieces = k / 32;
-  const int n0 = blockIdx.x * ROWS;
-  float acc[XR][ROWS];
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// U 64-code groups of a lane's two weight rows, with x's matching columns and the groups' scales
+template <int U>
+struct Groups {
+  uint2 wg[U], wh[U];
+  uint4 xa[U], xb[U];
+  float sg[U], sh[U];
+
+  __device__ __forceinline__ void load(int base, int groups, const uint8_t* cg, const uint8_t* ch,
+                                       const __nv_bfloat16* xr, const float* __restrict__ absmax, size_t sg0,
+                                       size_t sh0, int block_shift) {
 #pragma unroll
-  for (int i = 0; i < XR; ++i)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[i][r] = 0.f;
-  for (int c = threadIdx.x; c < pieces; c += blockDim.x) {
-    uint4 q[ROWS];
-    float s[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int row = min(n0 + r, n - 1);
-      q[r] = __ldg(codes + (size_t)row * pieces + c);
-      s[r] = __ldg(absmax + ((size_t)row * k + (size_t)c * 32) / blocksize);
-    }
-#pragma unroll
-    for (int i = 0; i < XR; ++i) {
-      // xv[j] pairs with nibble j: element 2i + 1 of a byte's pair sits in nibble 2i, element 2i in nibble 2i + 1
-      const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)min(i, m - 1) * ldx + (size_t)c * 32);
-      float xv[32];
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const uint4 u = __ldg(xp + v);
-        const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          xv[8 * v + 2 * j + 1] = __uint_as_float(w[j] << 16);
-          xv[8 * v + 2 * j] = __uint_as_float(w[j] & 0xffff0000u);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const uint32_t ws[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-        float part = 0.f;
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          float f[8];
-          lookup8(ws[v], t, f);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) part = fmaf(f[j], xv[8 * v + j], part);
-        }
-        acc[i][r] = fmaf(part, s[r], acc[i][r]);
-      }
+    for (int u = 0; u < U; ++u) {
+      const int j = min(base + u, groups - 1);
+      wg[u] = stream8(cg + 32 * j);
+      wh[u] = stream8(ch + 32 * j);
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * j);
+      xa[u] = __ldg(xp);
+      xb[u] = __ldg(xp + 1);
+      const float past = static_cast<float>(base + u < groups);  // a group past the end counts 0 (no branch)
+      sg[u] = past * __ldg(absmax + ((sg0 + 64 * j) >> block_shift));
+      sh[u] = past * __ldg(absmax + ((sh0 + 64 * j) >> block_shift));
     }
   }
-  __shared__ float sums[4][XR * ROWS];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  __device__ __forceinline__ void add_to(float* acc, const Planes& t) const {
 #pragma unroll
-  for (int i = 0; i < XR; ++i)
+    for (int u = 0; u < U; ++u) {
+      uint32_t pg[8], ph[8];
+      lookup_pairs(wg[u].x, t, pg);
+      lookup_pairs(wg[u].y, t, pg + 4);
+      lookup_pairs(wh[u].x, t, ph);
+      lookup_pairs(wh[u].y, t, ph + 4);
+      const uint32_t xw[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      float v = acc[i][r];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0) sums[warp][i * ROWS + r] = v;
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t a[4] = {pg[2 * i], ph[2 * i], pg[2 * i + 1], ph[2 * i + 1]};
+        mma(c, a, xw[2 * i], xw[2 * i + 1]);
+      }
+      acc[0] = fmaf(c[0], sg[u], acc[0]);
+      acc[1] = fmaf(c[1], sg[u], acc[1]);
+      acc[2] = fmaf(c[2], sh[u], acc[2]);
+      acc[3] = fmaf(c[3], sh[u], acc[3]);
     }
+  }
+};
+
+// A block computes 16 output rows for m <= 8 rows of x; its WARPS warps split K, each warp taking U 64-code
+// groups at a time (a 128-byte line of each row at U = 4). In a warp, lane (g, t) holds output rows g and g + 8 and
+// x's row g; of each 64-code group it reads bytes 8t..8t+7 of both weight rows, so the four mma of a group sum codes
+// of one scale, which then multiplies their fp32 sums.
+template <int WARPS, int U>
+__global__ void __launch_bounds__(WARPS * 32) four_bit_mma(
+    const __nv_bfloat16* __restrict__ x, int ldx, int m, const uint8_t* __restrict__ codes,
+    const float* __restrict__ absmax, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
+    int ldo, int n, int k, int block_shift, Planes t) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * 16, groups = k / 64;
+  const int rg = min(n0 + g, n - 1), rh = min(n0 + g + 8, n - 1);
+  const uint8_t* cg = codes + (size_t)rg * (k / 2) + 8 * q;
+  const uint8_t* ch = codes + (size_t)rh * (k / 2) + 8 * q;
+  const size_t sg0 = (size_t)rg * k, sh0 = (size_t)rh * k;
+  const __nv_bfloat16* xr = x + (size_t)min(g, m - 1) * ldx + 16 * q;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int base = warp * U; base < groups; base += WARPS * U) {
+    Groups<U> now;
+    now.load(base, groups, cg, ch, xr, absmax, sg0, sh0, block_shift);
+    now.add_to(acc, t);
+  }
+  // lane (g, q) holds output rows g, g + 8 for x's rows 2q, 2q + 1
+  __shared__ float sums[WARPS][16 * 8];
+  sums[warp][g * 8 + 2 * q] = acc[0];
+  sums[warp][g * 8 + 2 * q + 1] = acc[1];
+  sums[warp][(g + 8) * 8 + 2 * q] = acc[2];
+  sums[warp][(g + 8) * 8 + 2 * q + 1] = acc[3];
   __syncthreads();
-  if (threadIdx.x < XR * ROWS) {
-    const int i = threadIdx.x / ROWS, r = threadIdx.x % ROWS, row = n0 + r;
+  for (int e = threadIdx.x; e < 16 * 8; e += WARPS * 32) {
+    const int r = e / 8, i = e % 8, row = n0 + r;
     if (i < m && row < n) {
-      float v = sums[0][threadIdx.x] + sums[1][threadIdx.x] + sums[2][threadIdx.x] + sums[3][threadIdx.x];
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v += sums[w][e];
       if (bias != nullptr) v += __bfloat162float(bias[row]);
       out[(size_t)i * ldo + row] = __float2bfloat16(v);
     }
   }
 }
 
-template <int XR>
-void launch_rows(int rows, dim3 grid, cudaStream_t stream, const __nv_bfloat16* x, int ldx, int m, const uint4* codes,
-                 const float* absmax, const __nv_bfloat16* bias, __nv_bfloat16* out, int ldo, int n, int k, int bs,
-                 Planes t) {
-  if (rows == 2)
-    four_bit_rows<XR, 2><<<grid, 128, 0, stream>>>(x, ldx, m, codes, absmax, bias, out, ldo, n, k, bs, t);
-  else if (rows == 8)
-    four_bit_rows<XR, 8><<<grid, 128, 0, stream>>>(x, ldx, m, codes, absmax, bias, out, ldo, n, k, bs, t);
-  else
-    four_bit_rows<XR, 4><<<grid, 128, 0, stream>>>(x, ldx, m, codes, absmax, bias, out, ldo, n, k, bs, t);
-}
-
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
                            c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize,
-                           std::vector<int64_t> planes, int64_t rows) {
+                           std::vector<int64_t> planes, int64_t warps, int64_t unroll) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               "x: 2-D bf16 on CUDA");
   const int m = x.size(0), k = x.size(1);
-  TORCH_CHECK(m >= 1 && m <= 8 && k % 32 == 0 && x.stride(0) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0 &&
-              (uintptr_t)codes.data_ptr() % 16 == 0, "x: 1 to 8 rows of whole 32-column pieces, 16-byte aligned");
+  TORCH_CHECK(m >= 1 && m <= 8 && k % 64 == 0 && x.stride(0) % 8 == 0 && (uintptr_t)x.data_ptr() % 16 == 0 &&
+              (uintptr_t)codes.data_ptr() % 8 == 0, "x: 1 to 8 rows of whole 64-column groups, 16-byte aligned");
   TORCH_CHECK(codes.numel() * 2 == n * (int64_t)k && absmax.scalar_type() == at::kFloat, "codes and float32 absmax");
+  TORCH_CHECK(blocksize >= 64 && (blocksize & (blocksize - 1)) == 0, "blocks of a power of two from 64 codes");
   Planes t;
   for (int i = 0; i < 8; ++i) t.p[i] = (uint32_t)planes[i];
+  const int shift = __builtin_ctzll(blocksize);
   auto out = torch::empty({m, n}, x.options());
-  const int per = (rows == 2 || rows == 8) ? rows : 4;
-  dim3 grid((n + per - 1) / per);
+  dim3 grid((n + 15) / 16);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr<at::BFloat16>());
-  auto* cp = reinterpret_cast<const uint4*>(codes.data_ptr());
+  auto* cp = reinterpret_cast<const uint8_t*>(codes.data_ptr());
   const __nv_bfloat16* bp =
       bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr<at::BFloat16>()) : nullptr;
   auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>());
   const float* ap = absmax.data_ptr<float>();
-  const int ldx = x.stride(0), ldo = n;
-  if (m == 1) launch_rows<1>(per, grid, stream, xp, ldx, m, cp, ap, bp, op, ldo, n, k, blocksize, t);
-  else if (m == 2) launch_rows<2>(per, grid, stream, xp, ldx, m, cp, ap, bp, op, ldo, n, k, blocksize, t);
-  else if (m <= 4) launch_rows<4>(per, grid, stream, xp, ldx, m, cp, ap, bp, op, ldo, n, k, blocksize, t);
-  else launch_rows<8>(per, grid, stream, xp, ldx, m, cp, ap, bp, op, ldo, n, k, blocksize, t);
+  const int ldx = x.stride(0);
+#define MERAK_LAUNCH(W, UU) \
+  four_bit_mma<W, UU><<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, n, k, shift, t)
+  if (warps == 4 && unroll == 2) MERAK_LAUNCH(4, 2);
+  else if (warps == 4) MERAK_LAUNCH(4, 4);
+  else if (unroll == 2) MERAK_LAUNCH(8, 2);
+  else MERAK_LAUNCH(8, 4);
+#undef MERAK_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 """
 
 _CPP = ("torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, "
-        "c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize, std::vector<int64_t> planes, int64_t rows);")
+        "c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize, std::vector<int64_t> planes, "
+        "int64_t warps, int64_t unroll);")
 
 def build():
     """Compile the product (PyTorch caches the build on disk); raises what the compiler says."""
@@ -214,9 +237,10 @@ def unserved(product, dtype: torch.dtype, rows: int) -> str | None:
         return f"read in {dtype}, not bf16"
     if rows > MAX_ROWS:
         return f"{rows} rows, more than {MAX_ROWS}"
-    if state.nested or state.quant_type not in ("nf4", "fp4") or state.blocksize % 32 or state.shape[1] % 32 \
-            or codes.data_ptr() % 16:
-        return "its scales are quantized a second time, or its blocks are not whole 32-code pieces"
+    blocks = state.blocksize
+    if state.nested or state.quant_type not in ("nf4", "fp4") or blocks < 64 or blocks & (blocks - 1) \
+            or state.shape[1] % 64 or codes.data_ptr() % 8:
+        return "its scales are quantized a second time, or its blocks are not whole 64-code groups"
     return None
 
 
@@ -232,8 +256,7 @@ def product_for(product, dtype: torch.dtype, rows: int):
     n = state.shape[0]
     table, absmax = planes(state.code), state.absmax.float()
     bias = None if bias is None else bias.to(torch.bfloat16)
-    per = 4 if rows > 1 else 8 if n > 16384 else 2  # rows a block: the fastest at 8B's shapes (bench/RESULTS.md)
-    return lambda x: ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, per)
+    return lambda x: ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, *LAUNCH)
 
 
 def planes(table: torch.Tensor) -> list[int]:
