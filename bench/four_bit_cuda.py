@@ -1,8 +1,8 @@
 """The CUDA 4-bit product for a few rows (merak_lora/four_bit_cuda.py) against bitsandbytes' on a GPU: the error
-of each against the codes decoded in float64, and their times at Llama-3-8B's decode shapes (q, k, v joined; o;
+of each against the codes decoded in float64, and their times at a model's decode shapes (q, k, v joined; o;
 gate, up joined; down), timed as CUDA-graph replays over enough copies of the weight to miss the L2 cache.
 
-    python bench/four_bit_cuda.py [--rows 1,8]
+    python bench/four_bit_cuda.py [--arch llama3-8b|llama3-70b] [--rows 1,8]
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import RESULTS, markdown_table, report  # noqa: E402
+from bench.common import ARCHS, RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
 LAUNCHES = [(4, 2), (4, 4), (8, 2), (8, 4)]  # the kernel's: warps a block, 64-code groups a warp reads at once
-SHAPES = {"q, k, v": (6144, 4096), "o": (4096, 4096), "gate, up": (28672, 4096), "down": (4096, 14336)}
+
+
+def shapes(arch: str) -> dict[str, tuple[int, int]]:
+    """The one-token step's four products (out x in) of a Llama shape in bench.common.ARCHS."""
+    c = ARCHS[arch]
+    hidden, inter, head = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    return {"q, k, v": ((c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head, hidden),
+            "o": (hidden, hidden), "gate, up": (2 * inter, hidden), "down": (hidden, inter)}
 
 
 def replay_us(calls, copies: int) -> float:
@@ -44,6 +51,7 @@ def replay_us(calls, copies: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="llama3-8b", choices=["llama3-8b", "llama3-70b"])
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--results", default=RESULTS)
     a = ap.parse_args()
@@ -57,7 +65,7 @@ def main() -> None:
     ext = build()  # a compiler error shows whole here
     torch.manual_seed(0)
     rows_out, notes = [], [f"Device copy: {copy_bandwidth() / 1e12:.2f} TB/s."]
-    for (name, (n, k)), m in itertools.product(SHAPES.items(), [int(r) for r in a.rows.split(",")]):
+    for (name, (n, k)), m in itertools.product(shapes(a.arch).items(), [int(r) for r in a.rows.split(",")]):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         codes, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
         del w
@@ -91,7 +99,7 @@ def main() -> None:
                             "speed-up", "warps x groups, best",
                             "us at " + " / ".join("{} x {}".format(*w) for w in LAUNCHES),
                             "error vs float64 (bf16 outputs): ours / bitsandbytes"], rows_out)
-    report("The CUDA 4-bit product for a few rows against bitsandbytes', llama3-8b shapes", table, " ".join(notes),
+    report(f"The CUDA 4-bit product for a few rows against bitsandbytes', {a.arch} shapes", table, " ".join(notes),
            a.results)
 
 
