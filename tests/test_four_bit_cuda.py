@@ -27,8 +27,9 @@ def test_planes_hold_each_value_rounded_to_bf16():
 
 @pytest.mark.skipif(NO_BNB, reason="needs bitsandbytes")
 def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
-    """A plain linear, a 4-bit weight off CUDA, read in fp32, for more rows than it takes, or with scales
-    quantized twice: the base's own product serves, and nothing is built for it."""
+    """A plain linear, a 4-bit weight off CUDA, read in fp32, for more rows than it takes, with scale blocks that
+    are not whole 64-code groups, or with scales quantized twice: the base's own product serves, and nothing is
+    built for it."""
     import bitsandbytes as bnb
 
     from merak_lora import four_bit_cuda
@@ -42,7 +43,13 @@ def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
     assert unserved(layer, torch.float32, 1) == "read in torch.float32, not bf16"
     assert unserved(layer, torch.bfloat16, 9) == "9 rows, more than 8"
     assert unserved(layer, torch.bfloat16, 8) is None
-    layer.weight.quant_state.nested = True
+    state = layer.weight.quant_state
+    for blocks in (32, 96):  # scale blocks of fewer than 64 codes, or of no power of two: not whole groups
+        state.blocksize = blocks
+        assert "not whole 64-code groups" in unserved(layer, torch.bfloat16, 1)
+    state.blocksize = 256
+    assert unserved(layer, torch.bfloat16, 1) is None
+    state.nested = True
     assert "quantized a second time" in unserved(layer, torch.bfloat16, 1)
     monkeypatch.undo()
     monkeypatch.setattr(four_bit_cuda, "build", lambda: pytest.fail("built for a product it does not serve"))
