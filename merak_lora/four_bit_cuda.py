@@ -117,8 +117,8 @@ struct Groups {
 };
 
 // A block computes 16 output rows for m <= 8 rows of x; its WARPS warps split K, each warp taking U 64-code
-// groups at a time (a 128-byte line of each row at U = 4). In a warp, lane (g, t) holds output rows g and g + 8 and
-// x's row g; of each 64-code group it reads bytes 8t..8t+7 of both weight rows, so the four mma of a group sum codes
+// groups at a time (a 128-byte line of each row at U = 4). In a warp, lane (g, q) holds output rows g and g + 8 and
+// x's row g; of each 64-code group it reads bytes 8q..8q+7 of both weight rows, so the four mma of a group sum codes
 // of one scale, which then multiplies their fp32 sums.
 template <int WARPS, int U>
 __global__ void __launch_bounds__(WARPS * 32) four_bit_mma(
