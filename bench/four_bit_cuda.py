@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 from bench.common import ARCHS, RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
-LAUNCHES = [(4, 2), (4, 4), (8, 2), (8, 4)]  # the kernel's: warps a block, 64-code groups a warp reads at once
+LAUNCHES = [(8, 8), (8, 4), (4, 8)]  # the kernel's: warps a block, 64-code groups a warp loads at once
 
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:
@@ -77,7 +77,7 @@ def main() -> None:
         del unpacked
         errs = {}
         for launch in LAUNCHES:
-            ours = ext.rows_product(x, codes, state.absmax, None, n, 64, table, *launch).double()
+            ours = ext.rows_product(x, codes, state.absmax, None, n, 64, table, *launch, None, None, 0.0).double()
             errs[launch] = ((ours - ref).norm() / ref.norm()).item()
         theirs = bnb.matmul_4bit(x, codes.t(), quant_state=state).double()
         err_bnb = ((theirs - ref).norm() / ref.norm()).item()
@@ -85,8 +85,8 @@ def main() -> None:
         copies = max(1, -(-120_000_000 // nbytes))  # more than twice the 50 MB L2
         many = [codes.clone() for _ in range(copies)]
         bnb_us = replay_us([lambda c=c: bnb.matmul_4bit(x, c.t(), quant_state=state) for c in many], copies)
-        timed = {launch: replay_us([lambda c=c, launch=launch: ext.rows_product(x, c, state.absmax, None, n, 64,
-                                                                                table, *launch) for c in many], copies)
+        timed = {launch: replay_us([lambda c=c, launch=launch: ext.rows_product(
+            x, c, state.absmax, None, n, 64, table, *launch, None, None, 0.0) for c in many], copies)
                  for launch in LAUNCHES}
         best = min(timed, key=timed.get)
         rows_out.append([name, f"{n} x {k}", m, f"{bnb_us:.1f}", f"{nbytes / bnb_us / 1e6:.2f}",

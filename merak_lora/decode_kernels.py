@@ -4,9 +4,9 @@ in four launches.
 Decoding one sequence reads every weight once per token and does two flops per weight, so a token's time is its
 bytes over the memory bandwidth plus, for every kernel, a launch and a tail of a few microseconds. The transformers
 layer on a 4-bit base, graphed and compiled, runs ~20 kernels a layer, LoRA adding two thin products and an add
-per target (bench/PERF_NOTES.md). Here the products stay bitsandbytes' (a Triton product reading the packed codes
-ran at 0.65-0.93 TB/s against bitsandbytes' 1.1-1.3, bench/RESULTS.md) and each kernel between them does all that
-follows from its reads:
+per target (bench/PERF_NOTES.md). Here the products are separate kernels (fused_decode.py says whose) and each
+kernel between them does all that follows from its reads; a product's LoRA up projection comes in with its output
+where the product did not add it (merak-lora's 4-bit product does):
 
 - `residual_norm`: the residual add of the product before (with that product's LoRA up projection, B times the
   summed down-projection partials), the RMSNorm of the new residual stream, and LoRA's down projections of the

@@ -1,4 +1,5 @@
-"""A 4-bit (bitsandbytes NF4/FP4) weight times a few bf16 rows in CUDA C++, for the fused one-token step.
+"""A 4-bit (bitsandbytes NF4/FP4) weight times a few bf16 rows in CUDA C++, for the fused one-token step, with the
+linear's LoRA added as its output is written.
 
 bitsandbytes' own product for one to a few rows reads its packed codes at 0.9-1.3 TB/s on an H100, a third of a
 device copy, and two Triton products were slower still (bench/RESULTS.md): Triton gives no say over registers, the
@@ -8,7 +9,14 @@ to the threads is the look-up alone: the 16 table values, rounded to bf16, sit i
 and `prmt` turns a word of 8 codes into four bf16 pairs in 16 instructions, pairs that are A's operand registers as
 they stand. A dot product may take its terms in any order, so each lane takes 8 bytes of each of its two rows per
 64-code group, the four lanes of a row together one group, and x is loaded to match; the four `mma` of a group then
-sum codes of one scale, which multiplies their fp32 sums. A block's warps split K and add their sums at the end.
+sum codes of one scale, which multiplies their fp32 sums.
+
+A block's warps split K and add their sums at the end. A warp loads the codes of 8 groups (256 bytes of each of its
+16 rows) before it looks any up: the product is bound by the bytes in flight and by the look-up's instructions,
+and these loads placed one group at a time before their look-ups held too few bytes in flight.
+
+The LoRA up projection (B times the down projection's fp32 partials, summed) is added to each output as the block
+writes it, rounded as transformers rounds a LoRA linear's output, so the kernels after the product need not read B.
 Built on first use with PyTorch's extension loader (nvcc); where that fails the step keeps bitsandbytes' product
 and the log says why once.
 """
@@ -23,7 +31,8 @@ import torch
 log = logging.getLogger("merak_lora")
 
 MAX_ROWS = 8
-LAUNCH = (8, 4)  # warps a block, 64-code groups a warp reads at once
+MAX_RANK = 128  # the kernel's: LoRA ranks its epilogue takes
+LAUNCH = (8, 8)  # warps a block, 64-code groups a warp loads at once
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -73,35 +82,39 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
 template <int U>
 struct Groups {
   uint2 wg[U], wh[U];
-  uint4 xa[U], xb[U];
   float sg[U], sh[U];
 
+  // the codes of all U groups first, then their scales: as many bytes in flight as the registers allow
   __device__ __forceinline__ void load(int base, int groups, const uint8_t* cg, const uint8_t* ch,
-                                       const __nv_bfloat16* xr, const float* __restrict__ absmax, size_t sg0,
-                                       size_t sh0, int block_shift) {
+                                       const float* __restrict__ absmax, size_t sg0, size_t sh0, int block_shift) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = min(base + u, groups - 1);
       wg[u] = stream8(cg + 32 * j);
       wh[u] = stream8(ch + 32 * j);
-      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * j);
-      xa[u] = __ldg(xp);
-      xb[u] = __ldg(xp + 1);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = min(base + u, groups - 1);
       const float past = static_cast<float>(base + u < groups);  // a group past the end counts 0 (no branch)
       sg[u] = past * __ldg(absmax + ((sg0 + 64 * j) >> block_shift));
       sh[u] = past * __ldg(absmax + ((sh0 + 64 * j) >> block_shift));
     }
   }
 
-  __device__ __forceinline__ void add_to(float* acc, const Planes& t) const {
+  // x, which the L1 serves, is loaded as each group is summed (held for all U it would cost as many registers)
+  __device__ __forceinline__ void add_to(float* acc, const Planes& t, int base, int groups,
+                                         const __nv_bfloat16* xr) const {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * min(base + u, groups - 1));
+      const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
       uint32_t pg[8], ph[8];
       lookup_pairs(wg[u].x, t, pg);
       lookup_pairs(wg[u].y, t, pg + 4);
       lookup_pairs(wh[u].x, t, ph);
       lookup_pairs(wh[u].y, t, ph + 4);
-      const uint32_t xw[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
+      const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
       float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -116,16 +129,29 @@ struct Groups {
   }
 };
 
+constexpr int MAX_RANK = 128;  // LoRA ranks the epilogue takes (its summed partials sit in shared memory)
+
 // A block computes 16 output rows for m <= 8 rows of x; its WARPS warps split K, each warp taking U 64-code
-// groups at a time (a 128-byte line of each row at U = 4). In a warp, lane (g, q) holds output rows g and g + 8 and
-// x's row g; of each 64-code group it reads bytes 8q..8q+7 of both weight rows, so the four mma of a group sum codes
-// of one scale, which then multiplies their fp32 sums.
+// groups at a time (U * 32 bytes of each row). In a warp, lane (g, q) holds output rows g and g + 8 and x's row g;
+// of each 64-code group it reads bytes 8q..8q+7 of both weight rows, so the four mma of a group sum codes of one
+// scale, which then multiplies their fp32 sums. At most 128 registers a thread, so that two blocks of 8 warps fit a
+// multiprocessor. The block writes bias and, with lb, the LoRA up projection lscale * B[row] @ (lt's lp partials
+// summed) onto each output.
 template <int WARPS, int U>
-__global__ void __launch_bounds__(WARPS * 32) four_bit_mma(
+__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) four_bit_mma(
     const __nv_bfloat16* __restrict__ x, int ldx, int m, const uint8_t* __restrict__ codes,
     const float* __restrict__ absmax, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
-    int ldo, int n, int k, int block_shift, Planes t) {
+    int n, int k, int block_shift, Planes t, const float* __restrict__ lt, int lp, int lr,
+    const __nv_bfloat16* __restrict__ lb, float lscale) {
+  __shared__ float lora_t[8 * MAX_RANK];  // x's rows' LoRA down projections, their partials summed
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  if (lb != nullptr) {
+    for (int e = threadIdx.x; e < m * lr; e += WARPS * 32) {
+      float v = 0.f;
+      for (int p = 0; p < lp; ++p) v += lt[((e / lr) * lp + p) * lr + e % lr];
+      lora_t[e] = v;
+    }
+  }
   const int n0 = blockIdx.x * 16, groups = k / 64;
   const int rg = min(n0 + g, n - 1), rh = min(n0 + g + 8, n - 1);
   const uint8_t* cg = codes + (size_t)rg * (k / 2) + 8 * q;
@@ -135,8 +161,8 @@ __global__ void __launch_bounds__(WARPS * 32) four_bit_mma(
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int base = warp * U; base < groups; base += WARPS * U) {
     Groups<U> now;
-    now.load(base, groups, cg, ch, xr, absmax, sg0, sh0, block_shift);
-    now.add_to(acc, t);
+    now.load(base, groups, cg, ch, absmax, sg0, sh0, block_shift);
+    now.add_to(acc, t, base, groups, xr);
   }
   // lane (g, q) holds output rows g, g + 8 for x's rows 2q, 2q + 1
   __shared__ float sums[WARPS][16 * 8];
@@ -152,14 +178,21 @@ __global__ void __launch_bounds__(WARPS * 32) four_bit_mma(
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += sums[w][e];
       if (bias != nullptr) v += __bfloat162float(bias[row]);
-      out[(size_t)i * ldo + row] = __float2bfloat16(v);
+      if (lb != nullptr) {  // as transformers rounds it: the base linear's output in bf16, plus LoRA's
+        float l = 0.f;
+        for (int j = 0; j < lr; ++j) l += __bfloat162float(lb[(size_t)row * lr + j]) * lora_t[i * lr + j];
+        v = __bfloat162float(__float2bfloat16(v)) + l * lscale;
+      }
+      out[(size_t)i * n + row] = __float2bfloat16(v);
     }
   }
 }
 
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
                            c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize,
-                           std::vector<int64_t> planes, int64_t warps, int64_t unroll) {
+                           std::vector<int64_t> planes, int64_t warps, int64_t unroll,
+                           c10::optional<torch::Tensor> lora_t, c10::optional<torch::Tensor> lora_b,
+                           double lora_scale) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               "x: 2-D bf16 on CUDA");
   const int m = x.size(0), k = x.size(1);
@@ -167,25 +200,39 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
               (uintptr_t)codes.data_ptr() % 8 == 0, "x: 1 to 8 rows of whole 64-column groups, 16-byte aligned");
   TORCH_CHECK(codes.numel() * 2 == n * (int64_t)k && absmax.scalar_type() == at::kFloat, "codes and float32 absmax");
   TORCH_CHECK(blocksize >= 64 && (blocksize & (blocksize - 1)) == 0, "blocks of a power of two from 64 codes");
+  TORCH_CHECK(lora_t.has_value() == lora_b.has_value(), "LoRA: both t and B, or neither");
+  int lp = 0, lr = 0;
+  if (lora_t.has_value()) {
+    lp = lora_t->size(1), lr = lora_t->size(2);
+    TORCH_CHECK(lora_t->scalar_type() == at::kFloat && lora_t->dim() == 3 && lora_t->size(0) == m &&
+                lora_t->is_contiguous() && lr <= MAX_RANK, "LoRA t: [rows, partials, rank <= 128] float32");
+    TORCH_CHECK(lora_b->scalar_type() == at::kBFloat16 && lora_b->dim() == 2 && lora_b->size(0) == n &&
+                lora_b->size(1) == lr && lora_b->is_contiguous(), "LoRA B: [n, rank] bf16");
+  }
   Planes t;
   for (int i = 0; i < 8; ++i) t.p[i] = (uint32_t)planes[i];
   const int shift = __builtin_ctzll(blocksize);
   auto out = torch::empty({m, n}, x.options());
   dim3 grid((n + 15) / 16);
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr<at::BFloat16>());
+  auto bf16 = [](const torch::Tensor& v) {
+    return reinterpret_cast<const __nv_bfloat16*>(v.data_ptr<at::BFloat16>());
+  };
+  const __nv_bfloat16* xp = bf16(x);
+  const __nv_bfloat16* bp = bias.has_value() ? bf16(*bias) : nullptr;
+  const float* tp = lora_t.has_value() ? lora_t->data_ptr<float>() : nullptr;
+  const __nv_bfloat16* lbp = lora_b.has_value() ? bf16(*lora_b) : nullptr;
   auto* cp = reinterpret_cast<const uint8_t*>(codes.data_ptr());
-  const __nv_bfloat16* bp =
-      bias.has_value() ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr<at::BFloat16>()) : nullptr;
   auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>());
   const float* ap = absmax.data_ptr<float>();
   const int ldx = x.stride(0);
-#define MERAK_LAUNCH(W, UU) \
-  four_bit_mma<W, UU><<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, n, k, shift, t)
-  if (warps == 4 && unroll == 2) MERAK_LAUNCH(4, 2);
-  else if (warps == 4) MERAK_LAUNCH(4, 4);
-  else if (unroll == 2) MERAK_LAUNCH(8, 2);
-  else MERAK_LAUNCH(8, 4);
+#define MERAK_LAUNCH(W, U)                                                                                   \
+  if (warps == W && unroll == U)                                                                             \
+    four_bit_mma<W, U><<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, k, shift, t, tp, lp, lr, lbp, \
+                                                    (float)lora_scale);                                      \
+  else
+  MERAK_LAUNCH(8, 4) MERAK_LAUNCH(8, 8) MERAK_LAUNCH(4, 8)
+  TORCH_CHECK(false, "no such launch: ", warps, " warps, ", unroll, " groups at once");
 #undef MERAK_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -194,7 +241,8 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
 
 _CPP = ("torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, "
         "c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize, std::vector<int64_t> planes, "
-        "int64_t warps, int64_t unroll);")
+        "int64_t warps, int64_t unroll, c10::optional<torch::Tensor> lora_t, "
+        "c10::optional<torch::Tensor> lora_b, double lora_scale);")
 
 def build():
     """Compile the product (PyTorch caches the build on disk); raises what the compiler says."""
@@ -246,7 +294,9 @@ def unserved(product, dtype: torch.dtype, rows: int) -> str | None:
 
 def product_for(product, dtype: torch.dtype, rows: int):
     """merak-lora's product in place of a 4-bit base product for `rows` rows in bf16, or None where it does not
-    serve (`unserved`, or no build)."""
+    serve (`unserved`, or no build). It is called as the fused step calls every product: (x, lora) -> (y, the LoRA
+    left to add), lora being (t [rows, partials, rank] fp32, B [n, rank], scale) or None; it adds LoRA of rank up
+    to MAX_RANK itself."""
     if unserved(product, dtype, rows) is not None:
         return None
     ext = extension()
@@ -256,7 +306,12 @@ def product_for(product, dtype: torch.dtype, rows: int):
     n = state.shape[0]
     table, absmax = planes(state.code), state.absmax.float()
     bias = None if bias is None else bias.to(torch.bfloat16)
-    return lambda x: ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, *LAUNCH)
+
+    def run(x: torch.Tensor, lora: tuple | None = None) -> tuple:
+        t, b, scale = (None, None, 0.0) if lora is None or lora[1].shape[1] > MAX_RANK else lora
+        y = ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, *LAUNCH, t, b, scale)
+        return y, (lora if t is None else None)
+    return run
 
 
 def planes(table: torch.Tensor) -> list[int]:

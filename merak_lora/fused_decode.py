@@ -10,7 +10,8 @@ rotary, cache write, attention and o's down projection; the o product; the resid
 down projections; the gate and up product; their up projections, SiLU and down's down projection; the down
 product, whose residual add opens the next layer. The products are the bases' own (the joined q, k, v and gate, up
 of shared_products.py; o's and down's base layers): cuBLAS for 16-bit, and for 4-bit merak-lora's CUDA product
-(four_bit_cuda.py) where it builds and serves, else bitsandbytes'. The step reads
+(four_bit_cuda.py) where it builds and serves, else bitsandbytes'. merak-lora's product adds the linear's LoRA up
+projection as it writes its output; after the others the kernel that reads the output adds it. The step reads
 the stage's tensors in place, writes the static cache transformers' layers read at the prompt and advances its
 lengths, so prompt and tokens may come from either path. On CUDA it is replayed as a CUDA graph
 (decode.GraphedStep) like the step it replaces.
@@ -116,14 +117,20 @@ def _adapter(layer: LayerWeights) -> str | bool | None:
 def _single_lora(linear: nn.Module, name: str | bool, dtype: torch.dtype) -> Lora | None:
     if name not in lora_adapters(linear):
         return None
-    return Lora(linear.lora_A[name].weight.to(dtype), linear.lora_B[name].weight.to(dtype), linear.scaling[name])
+    return Lora(linear.lora_A[name].weight.to(dtype), linear.lora_B[name].weight.to(dtype).contiguous(),
+                linear.scaling[name])
 
 
 def _group_lora(group, name: str | bool, dtype: torch.dtype) -> Lora | None:
     if name not in group.adapters:
         return None
     a, b, scale = group.adapters[name]
-    return Lora(a.to(dtype), b.to(dtype), scale)
+    return Lora(a.to(dtype), b.to(dtype).contiguous(), scale)
+
+
+def _leaves_lora(product):
+    """A base product called as the step calls merak-lora's 4-bit product: (x, lora) -> (y, the LoRA left to add)."""
+    return lambda x, lora=None: (product(x), lora)
 
 
 class FusedStep:
@@ -139,10 +146,9 @@ class FusedStep:
         attn = layers[0].attn
         self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
         self.scaling = attn.scaling
-        self.products = [w.products() for w in layers]
-        if own_4bit:  # merak-lora's 4-bit product where it serves (four_bit_cuda.py), else the base's own
-            self.products = [tuple(four_bit_cuda.product_for(p, dtype, rows) or p for p in per)
-                             for per in self.products]
+        # merak-lora's 4-bit product where it serves (four_bit_cuda.py), else the base's own
+        own = (lambda p: four_bit_cuda.product_for(p, dtype, rows)) if own_4bit else (lambda p: None)
+        self.products = [tuple(own(p) or _leaves_lora(p) for p in w.products()) for w in layers]
         self.lora = [(_group_lora(w.qkv_group, adapter, dtype), _single_lora(w.o_proj, adapter, dtype),
                       _group_lora(w.gate_up_group, adapter, dtype), _single_lora(w.down_proj, adapter, dtype))
                      for w in layers]
@@ -190,17 +196,17 @@ class FusedStep:
         cos, sin = cos.view(rows, -1), sin.view(rows, -1)
         bias = mask.view(rows, -1)
         lengths = [self.cache.layers[w.layer_idx].cumulative_length for w in self.layers]
-        last: tuple = (None, None)  # the down product of the layer before, with its LoRA
+        last: tuple = (None, None)  # the down product of the layer before, and its LoRA left to add
         for w, (qkv_p, o_p, gu_p, down_p), (qkv, o, gate_up, down) in zip(self.layers, self.products, self.lora):
             layer = self.cache.layers[w.layer_idx]
             kernels.residual_norm(h[0], h[1], *last, norm=_norm(w.norm1, self.x), a=_a(qkv), t_a=self.t_qkv)
-            kernels.decode_attention(qkv_p(self.x), _up(qkv, self.t_qkv), cos, sin, layer.keys, layer.values,
+            kernels.decode_attention(*qkv_p(self.x, _up(qkv, self.t_qkv)), cos, sin, layer.keys, layer.values,
                                      layer.cumulative_length, bias, self.scaling, self.o, self.heads, self.kv_heads,
                                      a_o=_a(o), t_o=self.t_o)
-            kernels.residual_norm(h[1], h[0], o_p(self.o), _up(o, self.t_o), norm=_norm(w.norm2, self.x),
+            kernels.residual_norm(h[1], h[0], *o_p(self.o, _up(o, self.t_o)), norm=_norm(w.norm2, self.x),
                                   a=_a(gate_up), t_a=self.t_gu)
-            kernels.gated_activation(gu_p(self.x), _up(gate_up, self.t_gu), self.act, _a(down), self.t_down)
-            last = (down_p(self.act), _up(down, self.t_down))
+            kernels.gated_activation(*gu_p(self.x, _up(gate_up, self.t_gu)), self.act, _a(down), self.t_down)
+            last = down_p(self.act, _up(down, self.t_down))
         torch._foreach_add_(lengths, 1)
         norm = self.decoder.norm
         kernels.residual_norm(h[0], h[1], *last, norm=None if self.head is None else _norm(norm, self.x))

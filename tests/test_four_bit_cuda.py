@@ -80,7 +80,37 @@ def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blo
     want = x.double() @ (values * state.absmax.double().repeat_interleave(state.blocksize).view(n, k)).T
     if bias:
         want += layer.bias.double()
-    got = product(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    got, left = product(x)
+    assert left is None and got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # the outputs are rounded to bf16 (relative 2**-9 at most), the sums are fp32
     torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or NO_BNB, reason="needs a CUDA device and bitsandbytes")
+@pytest.mark.parametrize("rows, rank", [(1, 8), (5, 24), (8, 128)])
+def test_product_adds_the_lora_up_projection_as_it_writes(rows, rank):
+    """With (t, B, scale), t being [rows, partials, rank] down-projection partials: base output rounded to bf16,
+    plus scale * B @ (t summed over partials), rounded again, as transformers rounds a LoRA linear's output; and
+    a rank past MAX_RANK is handed back for the next kernel to add."""
+    import bitsandbytes as bnb
+
+    from merak_lora.four_bit_cuda import MAX_RANK
+    n, k = 1000, 2112
+    layer = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=False)
+    layer.bias = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
+    layer = layer.cuda()
+    product = product_for(layer, torch.bfloat16, rows)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    base, left = product(x)
+    assert left is None
+    t = torch.randn(rows, 3, rank, device="cuda")
+    b = torch.randn(n, rank, device="cuda").to(torch.bfloat16)
+    got, left = product(x, (t, b, 0.25))
+    want = base.double() + 0.25 * (t.double().sum(1) @ b.double().T)
+    assert left is None
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-2)
+    wide = (torch.randn(rows, 1, MAX_RANK + 1, device="cuda"), torch.randn(n, MAX_RANK + 1, device="cuda"), 1.0)
+    got, left = product(x, wide)
+    assert left is wide and torch.equal(got, base)

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from merak_lora import decode_kernels as kernels
@@ -156,6 +156,35 @@ def test_fused_step_answers_as_the_transformers_layers(tiny_llama, memorised, ca
     assert answers[True, True] == answers[False, True]
     assert answers[True, False] == answers[False, False]
     assert answers[True, True] != answers[True, False], "the adapter changed nothing, so the check proves little"
+
+
+def test_a_product_that_adds_its_lora_is_handed_it_and_the_kernels_add_it_no_more(tiny_llama, memorised,  # noqa: F811
+                                                                                 monkeypatch):
+    """merak-lora's 4-bit product adds each linear's LoRA up projection as it writes its output, and the kernel
+    after it must then not add it again. Here every product does so (in torch, on the CPU): answers stay the
+    transformers layers', adapter on and off, and every product was handed its LoRA."""
+    from merak_lora import four_bit_cuda
+    handed = []
+
+    def product_for(product, dtype, rows):
+        def run(x, lora=None):
+            y = product(x)
+            if lora is not None:
+                t, b, scale = lora
+                handed.append(tuple(b.shape))
+                y = (y.float() + scale * (t.sum(1) @ b.float().T)).to(y.dtype)
+            return y, None
+        return run
+    monkeypatch.setattr(four_bit_cuda, "product_for", product_for)
+    ckpt, _ = memorised
+    answers, calls, stages = _answers(tiny_llama, ckpt, _ids(tiny_llama)[:2],
+                                      dict(pipeline_schedule="interleaved1f1b", stages_per_rank=2))
+    assert calls == 2 * stages * (6 - 1)
+    assert answers[True, True] == answers[False, True]
+    assert answers[True, False] == answers[False, False]
+    assert answers[True, True] != answers[True, False]
+    layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
+    assert len(handed) == 4 * layers * (6 - 1), "a product with LoRA was not handed it at every step"
 
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
