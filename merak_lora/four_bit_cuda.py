@@ -12,8 +12,9 @@ they stand. A dot product may take its terms in any order, so each lane takes 8 
 sum codes of one scale, which multiplies their fp32 sums.
 
 A block's warps split K and add their sums at the end. A warp loads the codes of 8 groups (256 bytes of each of its
-16 rows) before it looks any up: the product is bound by the bytes in flight and by the look-up's instructions,
-and these loads placed one group at a time before their look-ups held too few bytes in flight.
+16 rows) before it looks any up, which read 1.00-1.15x faster than each group's loads placed just before its
+look-ups (gate, up 0.93-0.96x): at the copy rate the look-up's instructions alone take about half of what a
+multiprocessor issues, so they bound the product more than the loads do (bench/PERF_NOTES.md).
 
 The LoRA up projection (B times the down projection's fp32 partials, summed) is added to each output as the block
 writes it, rounded as transformers rounds a LoRA linear's output, so the kernels after the product need not read B.
@@ -78,7 +79,7 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// U 64-code groups of a lane's two weight rows, with x's matching columns and the groups' scales
+// U 64-code groups of a lane's two weight rows and the groups' scales (x's columns are loaded as each is summed)
 template <int U>
 struct Groups {
   uint2 wg[U], wh[U];
