@@ -13,8 +13,9 @@ sum codes of one scale, which multiplies their fp32 sums.
 
 A block's warps split K and add their sums at the end. A warp loads the codes of 8 groups (256 bytes of each of its
 16 rows) before it looks any up, which read 1.00-1.15x faster than each group's loads placed just before its
-look-ups (gate, up 0.93-0.96x): at the copy rate the look-up's instructions alone take about half of what a
-multiprocessor issues, so they bound the product more than the loads do (bench/PERF_NOTES.md).
+look-ups (gate, up 0.93-0.96x). What bounds the product at 1.2-1.6 TB/s is not yet known: a look-up with 42% fewer
+instructions (a table in shared memory), two register batches, and launching early (PDL) were measured no faster
+(bench/PERF_NOTES.md).
 
 The LoRA up projection (B times the down projection's fp32 partials, summed) is added to each output as the block
 writes it, rounded as transformers rounds a LoRA linear's output, so the kernels after the product need not read B.
