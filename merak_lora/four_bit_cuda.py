@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger("merak_lora")
 
 MAX_ROWS = 8
-MAX_RANK = 128  # the kernel's: LoRA ranks its epilogue takes
+MAX_RANK = 128  # LoRA ranks the kernel's epilogue takes (compiled in as MERAK_MAX_RANK)
 LAUNCH = (8, 8)  # warps a block, 64-code groups a warp loads at once
 
 _SOURCE = r"""
@@ -131,7 +131,7 @@ struct Groups {
   }
 };
 
-constexpr int MAX_RANK = 128;  // LoRA ranks the epilogue takes (its summed partials sit in shared memory)
+constexpr int MAX_RANK = MERAK_MAX_RANK;  // LoRA ranks the epilogue takes (summed partials in shared memory)
 
 // A block computes 16 output rows for m <= 8 rows of x; its WARPS warps split K, each warp taking U 64-code
 // groups at a time (U * 32 bytes of each row). In a warp, lane (g, q) holds output rows g and g + 8 and x's row g;
@@ -207,7 +207,8 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
   if (lora_t.has_value()) {
     lp = lora_t->size(1), lr = lora_t->size(2);
     TORCH_CHECK(lora_t->scalar_type() == at::kFloat && lora_t->dim() == 3 && lora_t->size(0) == m &&
-                lora_t->is_contiguous() && lr <= MAX_RANK, "LoRA t: [rows, partials, rank <= 128] float32");
+                lora_t->is_contiguous() && lr <= MAX_RANK,
+                "LoRA t: [rows, partials, rank <= ", MAX_RANK, "] float32");
     TORCH_CHECK(lora_b->scalar_type() == at::kBFloat16 && lora_b->dim() == 2 && lora_b->size(0) == n &&
                 lora_b->size(1) == lr && lora_b->is_contiguous(), "LoRA B: [n, rank] bf16");
   }
@@ -250,7 +251,7 @@ def build():
     """Compile the product (PyTorch caches the build on disk); raises what the compiler says."""
     from torch.utils.cpp_extension import load_inline
     return load_inline("merak_lora_four_bit_rows", _CPP, cuda_sources=_SOURCE, functions=["rows_product"],
-                       extra_cuda_cflags=["-O3"], verbose=False)
+                       extra_cuda_cflags=["-O3", f"-DMERAK_MAX_RANK={MAX_RANK}"], verbose=False)
 
 
 @functools.cache
