@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 from bench.common import ARCHS, RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
-LAUNCHES = [(8, 8), (8, 4), (4, 8)]  # the kernel's: warps a block, 64-code groups a warp loads at once
+LAUNCHES = [(16, 4, 2), (8, 8, 2), (8, 4, 2)]  # the kernel's: warps a block, groups a warp loads at once, blocks
+# a multiprocessor
 
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:
@@ -91,13 +92,13 @@ def main() -> None:
         best = min(timed, key=timed.get)
         rows_out.append([name, f"{n} x {k}", m, f"{bnb_us:.1f}", f"{nbytes / bnb_us / 1e6:.2f}",
                          f"{timed[best]:.1f}", f"{nbytes / timed[best] / 1e6:.2f}", f"{bnb_us / timed[best]:.2f}x",
-                         "{} x {}".format(*best), " / ".join(f"{timed[p]:.1f}" for p in LAUNCHES),
+                         "{} x {} x {}".format(*best), " / ".join(f"{timed[p]:.1f}" for p in LAUNCHES),
                          f"{max(errs.values()):.1e} / {err_bnb:.1e}"])
         print(" | ".join(map(str, rows_out[-1])), flush=True)
         del many
     table = markdown_table(["weight", "N x K", "rows", "bitsandbytes us", "TB/s", "CUDA product us (best)", "TB/s",
-                            "speed-up", "warps x groups, best",
-                            "us at " + " / ".join("{} x {}".format(*w) for w in LAUNCHES),
+                            "speed-up", "warps x groups x blocks, best",
+                            "us at " + " / ".join("{} x {} x {}".format(*w) for w in LAUNCHES),
                             "error vs float64 (bf16 outputs): ours / bitsandbytes"], rows_out)
     report(f"The CUDA 4-bit product for a few rows against bitsandbytes', {a.arch} shapes", table, " ".join(notes),
            a.results)

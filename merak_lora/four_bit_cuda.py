@@ -11,11 +11,14 @@ they stand. A dot product may take its terms in any order, so each lane takes 8 
 64-code group, the four lanes of a row together one group, and x is loaded to match; the four `mma` of a group then
 sum codes of one scale, which multiplies their fp32 sums.
 
-A block's warps split K and add their sums at the end. A warp loads the codes of 8 groups (256 bytes of each of its
-16 rows) before it looks any up, which read 1.00-1.15x faster than each group's loads placed just before its
-look-ups (gate, up 0.93-0.96x). What bounds the product at 1.2-1.6 TB/s is not yet known: a look-up with 42% fewer
-instructions (a table in shared memory), two register batches, and launching early (PDL) were measured no faster
-(bench/PERF_NOTES.md).
+A block's warps split K and add their sums at the end. Nsight Compute found the product bound by latency, not
+by the memory or the issue slots (gate, up at one row: DRAM 48% busy, 0.45 instructions a cycle a scheduler, 3.7
+warps a scheduler with 1.1 ready), and the SASS showed why: ptxas interleaves the loads with the look-ups whatever
+their order in the source, and each group's addresses took ~25 instructions of 64-bit arithmetic. So a warp takes 4
+groups at a time whose codes, x and scales are constant offsets from the batch's first (four scales a load where
+blocks are 64 codes), at 64 registers a thread: 16 warps a block, two blocks, 32 warps a multiprocessor.
+That read 1.05-1.10x faster than 8 warps of 8 groups at 128 registers. Streaming the codes into shared memory by
+the copy engine (`cp.async.bulk`, a producer warp) was 0.69-0.78x (bench/PERF_NOTES.md).
 
 The LoRA up projection (B times the down projection's fp32 partials, summed) is added to each output as the block
 writes it, rounded as transformers rounds a LoRA linear's output, so the kernels after the product need not read B.
@@ -34,7 +37,7 @@ log = logging.getLogger("merak_lora")
 
 MAX_ROWS = 8
 MAX_RANK = 128  # LoRA ranks the kernel's epilogue takes (compiled in as MERAK_MAX_RANK)
-LAUNCH = (8, 8)  # warps a block, 64-code groups a warp loads at once
+LAUNCH = (16, 4, 2)  # warps a block, 64-code groups a warp loads at once, blocks a multiprocessor
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -80,36 +83,54 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// U 64-code groups of a lane's two weight rows and the groups' scales (x's columns are loaded as each is summed)
+// U 64-code groups of a lane's two weight rows and the groups' scales (x's columns are loaded as each is summed).
+// With EDGE the batch holds a row's last groups: each clamped to the row, a group past it counting 0; otherwise
+// every address is a constant offset from the batch's first. With VEC blocks are 64 codes and a row's scales start
+// on 16 bytes, so four groups' scales are one load; otherwise a group's scale is found for any blocksize, blocks
+// free to straddle rows.
 template <int U>
 struct Groups {
   uint2 wg[U], wh[U];
   float sg[U], sh[U];
 
-  // the codes of all U groups first, then their scales: as many bytes in flight as the registers allow
+  template <bool EDGE, bool VEC>
   __device__ __forceinline__ void load(int base, int groups, const uint8_t* cg, const uint8_t* ch,
                                        const float* __restrict__ absmax, size_t sg0, size_t sh0, int block_shift) {
+    cg += 32 * (size_t)base, ch += 32 * (size_t)base;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int j = min(base + u, groups - 1);
-      wg[u] = stream8(cg + 32 * j);
-      wh[u] = stream8(ch + 32 * j);
+      const int o = EDGE ? min(u, groups - 1 - base) : u;
+      wg[u] = stream8(cg + 32 * o);
+      wh[u] = stream8(ch + 32 * o);
     }
+    if constexpr (VEC && !EDGE && U % 4 == 0) {
+      const float* ag = absmax + sg0 / 64 + base;
+      const float* ah = absmax + sh0 / 64 + base;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int j = min(base + u, groups - 1);
-      const float past = static_cast<float>(base + u < groups);  // a group past the end counts 0 (no branch)
-      sg[u] = past * __ldg(absmax + ((sg0 + 64 * j) >> block_shift));
-      sh[u] = past * __ldg(absmax + ((sh0 + 64 * j) >> block_shift));
+      for (int u = 0; u < U; u += 4) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(ag + u));
+        const float4 b = __ldg(reinterpret_cast<const float4*>(ah + u));
+        sg[u] = a.x, sg[u + 1] = a.y, sg[u + 2] = a.z, sg[u + 3] = a.w;
+        sh[u] = b.x, sh[u + 1] = b.y, sh[u + 2] = b.z, sh[u + 3] = b.w;
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = EDGE ? min(base + u, groups - 1) : base + u;
+        const float past = EDGE ? static_cast<float>(base + u < groups) : 1.f;  // no branch
+        sg[u] = past * __ldg(absmax + ((sg0 + 64 * j) >> block_shift));
+        sh[u] = past * __ldg(absmax + ((sh0 + 64 * j) >> block_shift));
+      }
     }
   }
 
-  // x, which the L1 serves, is loaded as each group is summed (held for all U it would cost as many registers)
+  template <bool EDGE>
   __device__ __forceinline__ void add_to(float* acc, const Planes& t, int base, int groups,
                                          const __nv_bfloat16* xr) const {
+    xr += 64 * (size_t)base;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * min(base + u, groups - 1));
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * (EDGE ? min(u, groups - 1 - base) : u));
       const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
       uint32_t pg[8], ph[8];
       lookup_pairs(wg[u].x, t, pg);
@@ -136,11 +157,11 @@ constexpr int MAX_RANK = MERAK_MAX_RANK;  // LoRA ranks the epilogue takes (summ
 // A block computes 16 output rows for m <= 8 rows of x; its WARPS warps split K, each warp taking U 64-code
 // groups at a time (U * 32 bytes of each row). In a warp, lane (g, q) holds output rows g and g + 8 and x's row g;
 // of each 64-code group it reads bytes 8q..8q+7 of both weight rows, so the four mma of a group sum codes of one
-// scale, which then multiplies their fp32 sums. At most 128 registers a thread, so that two blocks of 8 warps fit a
-// multiprocessor. The block writes bias and, with lb, the LoRA up projection lscale * B[row] @ (lt's lp partials
+// scale, which then multiplies their fp32 sums. MINB blocks fit a multiprocessor (16 warps, 2: 64 registers a
+// thread). The block writes bias and, with lb, the LoRA up projection lscale * B[row] @ (lt's lp partials
 // summed) onto each output.
-template <int WARPS, int U>
-__global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) four_bit_mma(
+template <int WARPS, int U, int MINB, bool VEC>
+__global__ void __launch_bounds__(WARPS * 32, MINB) four_bit_mma(
     const __nv_bfloat16* __restrict__ x, int ldx, int m, const uint8_t* __restrict__ codes,
     const float* __restrict__ absmax, const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ out,
     int n, int k, int block_shift, Planes t, const float* __restrict__ lt, int lp, int lr,
@@ -161,10 +182,16 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) four_bit_mma(
   const size_t sg0 = (size_t)rg * k, sh0 = (size_t)rh * k;
   const __nv_bfloat16* xr = x + (size_t)min(g, m - 1) * ldx + 16 * q;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int base = warp * U; base < groups; base += WARPS * U) {
+  int base = warp * U;
+  for (; base + U <= groups; base += WARPS * U) {
     Groups<U> now;
-    now.load(base, groups, cg, ch, absmax, sg0, sh0, block_shift);
-    now.add_to(acc, t, base, groups, xr);
+    now.template load<false, VEC>(base, groups, cg, ch, absmax, sg0, sh0, block_shift);
+    now.template add_to<false>(acc, t, base, groups, xr);
+  }
+  if (base < groups) {
+    Groups<U> now;
+    now.template load<true, VEC>(base, groups, cg, ch, absmax, sg0, sh0, block_shift);
+    now.template add_to<true>(acc, t, base, groups, xr);
   }
   // lane (g, q) holds output rows g, g + 8 for x's rows 2q, 2q + 1
   __shared__ float sums[WARPS][16 * 8];
@@ -192,7 +219,7 @@ __global__ void __launch_bounds__(WARPS * 32, 512 / (WARPS * 32)) four_bit_mma(
 
 torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
                            c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize,
-                           std::vector<int64_t> planes, int64_t warps, int64_t unroll,
+                           std::vector<int64_t> planes, int64_t warps, int64_t unroll, int64_t per_sm,
                            c10::optional<torch::Tensor> lora_t, c10::optional<torch::Tensor> lora_b,
                            double lora_scale) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
@@ -229,13 +256,16 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
   auto* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>());
   const float* ap = absmax.data_ptr<float>();
   const int ldx = x.stride(0);
-#define MERAK_LAUNCH(W, U)                                                                                   \
-  if (warps == W && unroll == U)                                                                             \
-    four_bit_mma<W, U><<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, k, shift, t, tp, lp, lr, lbp, \
-                                                    (float)lora_scale);                                      \
-  else
-  MERAK_LAUNCH(8, 4) MERAK_LAUNCH(8, 8) MERAK_LAUNCH(4, 8)
-  TORCH_CHECK(false, "no such launch: ", warps, " warps, ", unroll, " groups at once");
+  const bool vec = blocksize == 64 && k % 256 == 0 && (uintptr_t)ap % 16 == 0;  // four scales a load
+#define MERAK_LAUNCH(W, U, B)                                                                                \
+  if (warps == W && unroll == U && per_sm == B) {                                                            \
+    auto kernel = vec ? four_bit_mma<W, U, B, true> : four_bit_mma<W, U, B, false>;                          \
+    kernel<<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, k, shift, t, tp, lp, lr, lbp,         \
+                                        (float)lora_scale);                                                  \
+  } else
+  MERAK_LAUNCH(16, 4, 2) MERAK_LAUNCH(8, 8, 2) MERAK_LAUNCH(8, 4, 2)
+  TORCH_CHECK(false, "no such launch: ", warps, " warps, ", unroll, " groups at once, ", per_sm,
+              " blocks a multiprocessor");
 #undef MERAK_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -244,7 +274,7 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
 
 _CPP = ("torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, "
         "c10::optional<torch::Tensor> bias, int64_t n, int64_t blocksize, std::vector<int64_t> planes, "
-        "int64_t warps, int64_t unroll, c10::optional<torch::Tensor> lora_t, "
+        "int64_t warps, int64_t unroll, int64_t per_sm, c10::optional<torch::Tensor> lora_t, "
         "c10::optional<torch::Tensor> lora_b, double lora_scale);")
 
 def build():
