@@ -57,14 +57,15 @@ def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or NO_BNB, reason="needs a CUDA device and bitsandbytes")
-@pytest.mark.parametrize("quant_type, rows, bias, blocksize", [("nf4", 1, False, 64), ("fp4", 3, True, 64),
-                                                                 ("nf4", 8, True, 64), ("nf4", 2, False, 256)])
-def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blocksize):
+@pytest.mark.parametrize("quant_type, rows, bias, blocksize, k", [
+    ("nf4", 1, False, 64, 2112), ("fp4", 3, True, 64, 2112), ("nf4", 8, True, 64, 2112), ("nf4", 2, False, 256, 2112),
+    ("nf4", 1, True, 64, 2304)])  # 2112: groups a warp takes clamped to the row; 2304: four scales a load
+def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blocksize, k):
     import bitsandbytes as bnb
 
     from merak_lora.four_bit_cuda import extension
     assert not isinstance(extension(), str), extension()
-    n, k = 1000, 2112  # n not a multiple of the rows a block computes, k not of the groups its warps read at once
+    n = 1000  # not a multiple of the rows a block computes
     layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type)
     layer.weight = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type=quant_type,
                                      compress_statistics=False, blocksize=blocksize)
