@@ -18,8 +18,8 @@ sys.path.insert(0, ROOT)
 from bench.common import ARCHS, RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
-LAUNCHES = [(16, 4, 2), (8, 8, 2), (8, 4, 2)]  # the kernel's: warps a block, groups a warp loads at once, blocks
-# a multiprocessor
+# the kernel's launches: warps a block, 64-code groups a warp loads at once, blocks a multiprocessor
+LAUNCHES = [(16, 4, 2), (8, 8, 2), (8, 4, 2)]
 
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:

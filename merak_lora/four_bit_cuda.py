@@ -94,15 +94,20 @@ struct Groups {
   uint2 wg[U], wh[U];
   float sg[U], sh[U];
 
+  // group u of the batch at `base`, as an offset from it: clamped to the row's last group with EDGE
+  template <bool EDGE>
+  static __device__ __forceinline__ int at(int u, int base, int groups) {
+    return EDGE ? min(u, groups - 1 - base) : u;
+  }
+
   template <bool EDGE, bool VEC>
   __device__ __forceinline__ void load(int base, int groups, const uint8_t* cg, const uint8_t* ch,
                                        const float* __restrict__ absmax, size_t sg0, size_t sh0, int block_shift) {
     cg += 32 * (size_t)base, ch += 32 * (size_t)base;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int o = EDGE ? min(u, groups - 1 - base) : u;
-      wg[u] = stream8(cg + 32 * o);
-      wh[u] = stream8(ch + 32 * o);
+      wg[u] = stream8(cg + 32 * at<EDGE>(u, base, groups));
+      wh[u] = stream8(ch + 32 * at<EDGE>(u, base, groups));
     }
     if constexpr (VEC && !EDGE && U % 4 == 0) {
       const float* ag = absmax + sg0 / 64 + base;
@@ -117,7 +122,7 @@ struct Groups {
     } else {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int j = EDGE ? min(base + u, groups - 1) : base + u;
+        const int j = base + at<EDGE>(u, base, groups);
         const float past = EDGE ? static_cast<float>(base + u < groups) : 1.f;  // no branch
         sg[u] = past * __ldg(absmax + ((sg0 + 64 * j) >> block_shift));
         sh[u] = past * __ldg(absmax + ((sh0 + 64 * j) >> block_shift));
@@ -131,7 +136,7 @@ struct Groups {
     xr += 64 * (size_t)base;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * (EDGE ? min(u, groups - 1 - base) : u));
+      const uint4* xp = reinterpret_cast<const uint4*>(xr + 64 * at<EDGE>(u, base, groups));
       const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
       uint32_t pg[8], ph[8];
       lookup_pairs(wg[u].x, t, pg);
