@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 from .coordinate import Coordinator
 from .entry import env_ranks
 
@@ -82,6 +84,21 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return dev
 
 
+def check_a_gpu_each(coord: Coordinator, gpu: str, visible: int) -> None:
+    """Stop every rank with the launch that fixes it when two ranks of a node were given one GPU (more ranks a
+    node than GPUs): NCCL would refuse it only inside its start-up, as an error about its own internals."""
+    if coord.add(f"gpu/{gpu}", 1) > 1:
+        host = gpu.split("/")[0]
+        coord.fail(f"rank {coord.rank} and another rank on {host} were given the same GPU: NCCL needs a GPU of "
+                   f"its own for each rank; start one rank per GPU ({visible} visible here): torchrun "
+                   f"--nproc_per_node {visible}, or srun --ntasks-per-node {visible} or --gpus-per-task 1")
+    try:
+        coord.barrier("gpus", "checking that each rank holds a GPU of its own")
+    except ConfigError:
+        coord.leave()  # rank 0 hosts the store: every rank reads the error before it goes
+        raise
+
+
 def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "auto",
                      timeout_s: int = 300) -> Layout:
     """Start the process group (gloo on CPU, NCCL on GPU) on the job's rendezvous store, build the dp x pp groups,
@@ -89,19 +106,22 @@ def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "
     rank, world, local_rank = env_ranks()
     device = pick_device(device_choice, local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.HashStore()
+    coord = Coordinator(dist.HashStore(), rank, world)
     if world > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        coord = Coordinator(dist.PrefixStore("merak", store), rank, world)
         if not dist.is_initialized():
+            if device.type == "cuda":
+                check_a_gpu_each(coord, f"{socket.gethostname()}/{torch.cuda.get_device_properties(device).uuid}",
+                                 torch.cuda.device_count())
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
                                     timeout=timeout, device_id=device if device.type == "cuda" else None)
-        store = dist.PrefixStore("merak", store)
     pp = pp or world
     layout = Layout(rank=rank, world=world, local_rank=local_rank, pp=pp, chunks=chunks, v_shape=v_shape,
-                    device=device, coord=Coordinator(store, rank, world))
+                    device=device, coord=coord)
     if world > 1:
         # Every rank must take part in creating every group, in the same order.
         for d in range(world // pp):

@@ -53,3 +53,31 @@ def test_the_first_error_wins():
     a.fail("second")
     with pytest.raises(ConfigError, match="^first$"):
         a.raise_if_failed()
+
+
+def _check_gpus(gpus: list[str]) -> list[str]:
+    """check_a_gpu_each on two ranks (threads on one store) given these GPUs; what each rank raised."""
+    from merak_lora.layout import check_a_gpu_each
+    raised = ["", ""]
+
+    def rank(c: Coordinator) -> None:
+        try:
+            check_a_gpu_each(c, gpus[c.rank], 4)
+        except ConfigError as e:
+            raised[c.rank] = str(e)
+    threads = [threading.Thread(target=rank, args=(c,)) for c in pair()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return raised
+
+
+def test_two_ranks_given_one_gpu_both_stop_with_the_launch_that_fixes_it():
+    raised = _check_gpus(["node1/GPU-aa", "node1/GPU-aa"])
+    assert raised[0] == raised[1] != ""
+    assert "on node1 were given the same GPU" in raised[0] and "--nproc_per_node 4" in raised[0]
+
+
+def test_ranks_on_gpus_of_their_own_go_on():
+    assert _check_gpus(["node1/GPU-aa", "node1/GPU-bb"]) == ["", ""]
