@@ -84,11 +84,10 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return dev
 
 
-def check_a_gpu_each(coord: Coordinator, gpu: str, visible: int) -> None:
+def check_a_gpu_each(coord: Coordinator, host: str, gpu: str, visible: int) -> None:
     """Stop every rank with the launch that fixes it when two ranks of a node were given one GPU (more ranks a
     node than GPUs): NCCL would refuse it only inside its start-up, as an error about its own internals."""
-    if coord.add(f"gpu/{gpu}", 1) > 1:
-        host = gpu.split("/")[0]
+    if coord.add(f"gpu/{host}/{gpu}", 1) > 1:
         coord.fail(f"rank {coord.rank} and another rank on {host} were given the same GPU: NCCL needs a GPU of "
                    f"its own for each rank; start one rank per GPU ({visible} visible here): torchrun "
                    f"--nproc_per_node {visible}, or srun --ntasks-per-node {visible} or --gpus-per-task 1")
@@ -114,7 +113,7 @@ def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "
         coord = Coordinator(dist.PrefixStore("merak", store), rank, world)
         if not dist.is_initialized():
             if device.type == "cuda":
-                check_a_gpu_each(coord, f"{socket.gethostname()}/{torch.cuda.get_device_properties(device).uuid}",
+                check_a_gpu_each(coord, socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
                                  torch.cuda.device_count())
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,

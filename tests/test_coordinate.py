@@ -55,14 +55,14 @@ def test_the_first_error_wins():
         a.raise_if_failed()
 
 
-def _check_gpus(gpus: list[str]) -> list[str]:
-    """check_a_gpu_each on two ranks (threads on one store) given these GPUs; what each rank raised."""
+def _check_gpus(gpus: list[tuple[str, str]]) -> list[str]:
+    """check_a_gpu_each on two ranks (threads on one store) given these (host, GPU); what each rank raised."""
     from merak_lora.layout import check_a_gpu_each
     raised = ["", ""]
 
     def rank(c: Coordinator) -> None:
         try:
-            check_a_gpu_each(c, gpus[c.rank], 4)
+            check_a_gpu_each(c, *gpus[c.rank], 4)
         except ConfigError as e:
             raised[c.rank] = str(e)
     threads = [threading.Thread(target=rank, args=(c,)) for c in pair()]
@@ -74,10 +74,10 @@ def _check_gpus(gpus: list[str]) -> list[str]:
 
 
 def test_two_ranks_given_one_gpu_both_stop_with_the_launch_that_fixes_it():
-    raised = _check_gpus(["node1/GPU-aa", "node1/GPU-aa"])
+    raised = _check_gpus([("node1", "GPU-aa"), ("node1", "GPU-aa")])
     assert raised[0] == raised[1] != ""
     assert "on node1 were given the same GPU" in raised[0] and "--nproc_per_node 4" in raised[0]
 
 
 def test_ranks_on_gpus_of_their_own_go_on():
-    assert _check_gpus(["node1/GPU-aa", "node1/GPU-bb"]) == ["", ""]
+    assert _check_gpus([("node1", "GPU-aa"), ("node1", "GPU-bb")]) == ["", ""]
