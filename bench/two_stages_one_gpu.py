@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.common import TARGETS, bench_model, markdown_table, report  # noqa: E402
-from bench.decode import agreement  # noqa: E402
+from bench.decode import agreement, timed  # noqa: E402
 
 
 def through_host() -> None:
@@ -87,11 +86,8 @@ def main() -> None:
                                                                         generator=g).tolist()]
                    for i in range(batch)]
         gen.generate(prompts, Sampling(max_new_tokens=a.new))  # warm-up: the step's graph is captured here
-        cuda and torch.cuda.synchronize()
-        t = time.perf_counter()
-        answers[str(batch)] = gen.generate(prompts, Sampling(max_new_tokens=a.new))
-        cuda and torch.cuda.synchronize()
-        rates[batch] = batch * a.new / (time.perf_counter() - t)
+        seconds = timed(lambda: answers.__setitem__(str(batch), gen.generate(prompts, Sampling(max_new_tokens=a.new))))
+        rates[batch] = batch * a.new / seconds
         if world == 1 and batch == 8:
             answers["8 as 2 groups"] = [row for half in (prompts[:4], prompts[4:])
                                         for row in gen.generate(half, Sampling(max_new_tokens=a.new))]
