@@ -266,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         if e.requeue and rank == 0:
             slurm.requeue(slurm.job_id())
+        leave_group()
         return 75
     except KeyboardInterrupt:
         say("interrupted before training started; nothing was saved")
+        leave_group()
         return 130
     except (ConfigError, TrainingStopped, CheckpointError) as e:
         say(f"error: {e}")
+        leave_group()
         return 2 if isinstance(e, ConfigError) else 3
     except PeerFailed as e:
         say(f"error: {e}")
@@ -285,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         failures.record(out, rank, e)
         log.exception(f"rank {rank} failed")
         return 1
+    leave_group()
+    return 0
+
+
+def leave_group() -> None:
+    """Shut the process group down where every rank stops together (done, a signal, bad input). Left to the
+    interpreter's exit, gloo's threads can abort the process ("terminate called without an active exception") after
+    its last line; where a rank failed, its peers may be gone, and NCCL's shutdown could wait on them."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
