@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         return 75
     except KeyboardInterrupt:
         say("interrupted before training started; nothing was saved")
-        leave_group()
         return 130
     except (ConfigError, TrainingStopped, CheckpointError) as e:
         say(f"error: {e}")
@@ -293,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def leave_group() -> None:
-    """Shut the process group down where every rank stops together (done, a signal, bad input). Left to the
-    interpreter's exit, gloo's threads can abort the process ("terminate called without an active exception") after
-    its last line; where a rank failed, its peers may be gone, and NCCL's shutdown could wait on them."""
+    """Shut the process group down where every rank stops together, between collectives (done, a signal's
+    checkpoint, bad input). Left to the interpreter's exit, gloo's threads can abort the process ("terminate called
+    without an active exception") after its last line. Not after a rank failed or a Ctrl-C while loading: peers may
+    be gone or a collective cut short, and NCCL's shutdown could wait on them."""
     if dist.is_initialized():
         dist.destroy_process_group()
