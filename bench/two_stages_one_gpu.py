@@ -77,6 +77,7 @@ def main() -> None:
     gen, _, layout = _pipeline_generator(cfg, tok, None, meta, world)
     if layout.rank != 0:
         gen.serve()
+        torch.distributed.destroy_process_group()
         return
     gen.eos_ids = set()  # random weights: every answer runs to --new tokens
     g = torch.Generator().manual_seed(0)

@@ -65,11 +65,12 @@ def _check_gpus(gpus: list[tuple[str, str]]) -> list[str]:
             check_a_gpu_each(c, *gpus[c.rank], 4)
         except ConfigError as e:
             raised[c.rank] = str(e)
-    threads = [threading.Thread(target=rank, args=(c,)) for c in pair()]
+    threads = [threading.Thread(target=rank, args=(c,), daemon=True) for c in pair()]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a rank still waits at the check's barrier"
     return raised
 
 
