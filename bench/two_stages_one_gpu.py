@@ -77,7 +77,6 @@ def main() -> None:
     gen, _, layout = _pipeline_generator(cfg, tok, None, meta, world)
     if layout.rank != 0:
         gen.serve()
-        torch.distributed.destroy_process_group()
         return
     gen.eos_ids = set()  # random weights: every answer runs to --new tokens
     g = torch.Generator().manual_seed(0)
@@ -111,8 +110,10 @@ def main() -> None:
            markdown_table(["batch", "tokens/s (two processes sharing the GPU: not a speed figure)",
                            f"{a.new} greedy tokens as pp=1's", "as pp=1's, the batch decoded as pp=2's groups"],
                           rows), path=a.results)
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+    if dist.is_initialized():  # both ranks, once main returns; left to exit, gloo's threads can abort
+        dist.destroy_process_group()
