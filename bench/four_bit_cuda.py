@@ -19,7 +19,7 @@ from bench.common import ARCHS, RESULTS, markdown_table, report  # noqa: E402
 from bench.decode import copy_bandwidth  # noqa: E402
 
 # the kernel's launches: warps a block, 64-code groups a warp loads at once, blocks a multiprocessor
-LAUNCHES = [(16, 4, 2), (8, 8, 2), (8, 4, 2)]
+LAUNCHES = [(16, 4, 2), (8, 8, 2), (8, 4, 2), (8, 4, 4)]
 
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:

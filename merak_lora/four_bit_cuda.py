@@ -40,6 +40,10 @@ log = logging.getLogger("merak_lora")
 MAX_ROWS = 8
 MAX_RANK = 128  # LoRA ranks the kernel's epilogue takes (compiled in as MERAK_MAX_RANK)
 LAUNCH = (16, 4, 2)  # warps a block, 64-code groups a warp loads at once, blocks a multiprocessor
+# Past two waves of LAUNCH's blocks (gate and up at 8B: 1,792 tiles of 16 rows), blocks of 8 warps at four a
+# multiprocessor: at K = 4096 a 16-warp block's warps each load once, so blocks come and go at a finer grain
+# (bench/PERF_NOTES.md, eighth session: gate, up 1.10x; q, k, v even and o, down 0.9x, so only there).
+MANY_TILES = (8, 4, 4)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -270,7 +274,7 @@ torch::Tensor rows_product(torch::Tensor x, torch::Tensor codes, torch::Tensor a
     kernel<<<grid, W * 32, 0, stream>>>(xp, ldx, m, cp, ap, bp, op, n, k, shift, t, tp, lp, lr, lbp,         \
                                         (float)lora_scale);                                                  \
   } else
-  MERAK_LAUNCH(16, 4, 2) MERAK_LAUNCH(8, 8, 2) MERAK_LAUNCH(8, 4, 2)
+  MERAK_LAUNCH(16, 4, 2) MERAK_LAUNCH(8, 8, 2) MERAK_LAUNCH(8, 4, 2) MERAK_LAUNCH(8, 4, 4)
   TORCH_CHECK(false, "no such launch: ", warps, " warps, ", unroll, " groups at once, ", per_sm,
               " blocks a multiprocessor");
 #undef MERAK_LAUNCH
@@ -332,6 +336,12 @@ def unserved(product, dtype: torch.dtype, rows: int) -> str | None:
     return None
 
 
+def launch_for(n: int, multiprocessors: int) -> tuple:
+    """(warps, groups at once, blocks a multiprocessor) for a product of n output rows: MANY_TILES past two
+    waves of LAUNCH's blocks."""
+    return MANY_TILES if -(-n // 16) > 2 * LAUNCH[2] * multiprocessors else LAUNCH
+
+
 def product_for(product, dtype: torch.dtype, rows: int):
     """merak-lora's product in place of a 4-bit base product for `rows` rows in bf16, or None where it does not
     serve (`unserved`, or no build). It is called as the fused step calls every product: (x, lora) -> (y, the LoRA
@@ -344,12 +354,13 @@ def product_for(product, dtype: torch.dtype, rows: int):
         return None
     codes, state, bias = _weight(product)
     n = state.shape[0]
+    launch = launch_for(n, torch.cuda.get_device_properties(codes.device).multi_processor_count)
     table, absmax = planes(state.code), state.absmax.float()
     bias = None if bias is None else bias.to(torch.bfloat16)
 
     def run(x: torch.Tensor, lora: tuple | None = None) -> tuple:
         t, b, scale = (None, None, 0.0) if lora is None or lora[1].shape[1] > MAX_RANK else lora
-        y = ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, *LAUNCH, t, b, scale)
+        y = ext.rows_product(x, codes, absmax, bias, n, state.blocksize, table, *launch, t, b, scale)
         return y, (lora if t is None else None)
     return run
 

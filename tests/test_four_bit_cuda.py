@@ -9,7 +9,8 @@ import importlib.util
 import pytest
 import torch
 
-from merak_lora.four_bit_cuda import planes, product_for, unserved
+from merak_lora import four_bit_cuda
+from merak_lora.four_bit_cuda import LAUNCH, MANY_TILES, launch_for, planes, product_for, unserved
 
 NO_BNB = importlib.util.find_spec("bitsandbytes") is None
 
@@ -25,6 +26,14 @@ def test_planes_hold_each_value_rounded_to_bf16():
         assert value.item() == table[c].to(torch.bfloat16).float().item()
 
 
+def test_blocks_of_eight_warps_only_past_two_waves_of_sixteen_warp_blocks():
+    """At 8B on an H100 (132 multiprocessors) gate and up's 1,792 tiles of 16 rows take MANY_TILES; q, k, v's 384,
+    o's and down's 256 keep LAUNCH, as does the row count just at two waves."""
+    assert launch_for(2 * 14336, 132) == MANY_TILES
+    assert all(launch_for(n, 132) == LAUNCH for n in (6144, 4096, 16 * 2 * LAUNCH[2] * 132))
+    assert launch_for(16 * 2 * LAUNCH[2] * 132 + 1, 132) == MANY_TILES
+
+
 @pytest.mark.skipif(NO_BNB, reason="needs bitsandbytes")
 def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
     """A plain linear, a 4-bit weight off CUDA, read in fp32, for more rows than it takes, with scale blocks that
@@ -32,7 +41,6 @@ def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
     built for it."""
     import bitsandbytes as bnb
 
-    from merak_lora import four_bit_cuda
     layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4",
                                      compress_statistics=False)
@@ -57,10 +65,11 @@ def test_it_stands_aside_where_it_does_not_serve(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or NO_BNB, reason="needs a CUDA device and bitsandbytes")
+@pytest.mark.parametrize("launch", [LAUNCH, MANY_TILES])
 @pytest.mark.parametrize("quant_type, rows, bias, blocksize, k", [
     ("nf4", 1, False, 64, 2112), ("fp4", 3, True, 64, 2112), ("nf4", 8, True, 64, 2112), ("nf4", 2, False, 256, 2112),
     ("nf4", 1, True, 64, 2304)])  # 2112: groups a warp takes clamped to the row; 2304: four scales a load
-def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blocksize, k):
+def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blocksize, k, launch, monkeypatch):
     import bitsandbytes as bnb
 
     from merak_lora.four_bit_cuda import extension
@@ -73,6 +82,7 @@ def test_product_equals_the_codes_decoded_in_float64(quant_type, rows, bias, blo
         layer.bias = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
     layer = layer.cuda()
     state = layer.weight.quant_state
+    monkeypatch.setattr(four_bit_cuda, "launch_for", lambda n, multiprocessors: launch)
     product = product_for(layer, torch.bfloat16, rows)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     codes = layer.weight.data.view(-1)
