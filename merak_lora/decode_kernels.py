@@ -15,7 +15,7 @@ where the product did not add it (merak-lora's 4-bit product does):
   slower); the first writes the row and the normalized row.
 - `decode_attention`: q, k and v from the joined product with their LoRA up projections, the rotary embedding,
   the new k and v written to the static cache, the query's attention over the cache (online softmax), and the o
-  projection's LoRA down projection of its head.
+  projection's LoRA down projection of its head; a long cache is split among programs (`attention_shares`).
 - `gated_activation`: gate and up from their joined product with their LoRA up projections, silu(gate) * up, and
   the down projection's LoRA down projection of the program's columns.
 
@@ -87,12 +87,15 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(y_ptr, stride_y, t_ptr, b_ptr, R, scale, cos_ptr, sin_ptr, stride_rot,
                                  kc_ptr, vc_ptr, sc_b, sc_h, sc_l, pos_ptr, bias_ptr, stride_bias, sm_scale,
-                                 o_ptr, stride_o, ao_ptr, to_ptr, RO, H, KVH,
-                                 D: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr, ROP: tl.constexpr):
-        """Program (m, h): query head h of row m attends over the cache slots before this token's (`pos`) and
-        this token's own k and v; the first query head of each key head writes that k and v into the cache."""
+                                 o_ptr, stride_o, ao_ptr, to_ptr, RO, H, KVH, part_ptr, count_ptr,
+                                 D: tl.constexpr, BL: tl.constexpr, RP: tl.constexpr, ROP: tl.constexpr,
+                                 SPLITS: tl.constexpr):
+        """Program (m, h, s): query head h of row m attends over share s of the cache slots before this token's
+        (`pos`); share 0 also over this token's own k and v, which the first query head of each key head writes
+        into the cache. With SPLITS > 1 each share leaves its running maximum, sum and weighted values in `part`
+        and the share that ends last (the count, which it resets) combines them in share order."""
         HALF: tl.constexpr = D // 2
-        m, h = tl.program_id(0), tl.program_id(1)
+        m, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kh = h // (H // KVH)
         dt = kc_ptr.dtype.element_ty
         d = tl.arange(0, HALF)
@@ -103,49 +106,79 @@ if triton is not None:
         y_row, t_row = y_ptr + m * stride_y, t_ptr + m * R
         q1, q2 = _head_vector(y_row, t_row, b_ptr, R, scale, h * D, d, HALF, RP, dt)
         q1, q2 = (q1 * cos1 - q2 * sin1).to(dt).to(tl.float32), (q2 * cos2 + q1 * sin2).to(dt).to(tl.float32)
-        k1, k2 = _head_vector(y_row, t_row, b_ptr, R, scale, (H + kh) * D, d, HALF, RP, dt)
-        k1, k2 = (k1 * cos1 - k2 * sin1).to(dt), (k2 * cos2 + k1 * sin2).to(dt)
-        v1, v2 = _head_vector(y_row, t_row, b_ptr, R, scale, (H + KVH + kh) * D, d, HALF, RP, dt)
         cache = m * sc_b + kh * sc_h
-        if h % (H // KVH) == 0:
-            tl.store(kc_ptr + cache + pos * sc_l + d, k1)
-            tl.store(kc_ptr + cache + pos * sc_l + HALF + d, k2)
-            tl.store(vc_ptr + cache + pos * sc_l + d, v1.to(dt))
-            tl.store(vc_ptr + cache + pos * sc_l + HALF + d, v2.to(dt))
-        # this token's own key first: the running maximum starts finite
-        best = (tl.sum(q1 * k1.to(tl.float32), 0) + tl.sum(q2 * k2.to(tl.float32), 0)) * sm_scale \
-            + tl.load(bias_ptr + m * stride_bias + pos).to(tl.float32)
-        total = tl.full((), 1.0, tl.float32)
-        acc1, acc2 = v1, v2
+        if s == 0:
+            k1, k2 = _head_vector(y_row, t_row, b_ptr, R, scale, (H + kh) * D, d, HALF, RP, dt)
+            k1, k2 = (k1 * cos1 - k2 * sin1).to(dt), (k2 * cos2 + k1 * sin2).to(dt)
+            v1, v2 = _head_vector(y_row, t_row, b_ptr, R, scale, (H + KVH + kh) * D, d, HALF, RP, dt)
+            if h % (H // KVH) == 0:
+                tl.store(kc_ptr + cache + pos * sc_l + d, k1)
+                tl.store(kc_ptr + cache + pos * sc_l + HALF + d, k2)
+                tl.store(vc_ptr + cache + pos * sc_l + d, v1.to(dt))
+                tl.store(vc_ptr + cache + pos * sc_l + HALF + d, v2.to(dt))
+            # this token's own key first: the running maximum starts finite
+            best = (tl.sum(q1 * k1.to(tl.float32), 0) + tl.sum(q2 * k2.to(tl.float32), 0)) * sm_scale \
+                + tl.load(bias_ptr + m * stride_bias + pos).to(tl.float32)
+            total = tl.full((), 1.0, tl.float32)
+            acc1, acc2 = v1, v2
+        else:  # a finite floor, so a share of masked (-inf) slots only keeps a weight of 0
+            best = tl.full((), -1e30, tl.float32)
+            total = tl.full((), 0.0, tl.float32)
+            acc1, acc2 = tl.zeros((HALF,), tl.float32), tl.zeros((HALF,), tl.float32)
+        share = tl.cdiv(tl.cdiv(pos, SPLITS), BL) * BL
+        first = s * share
+        stop = tl.minimum(first + share, pos)
         sl = tl.arange(0, BL)
-        for l0 in range(0, pos, BL):
+        for l0 in range(first, stop, BL):
             slots = l0 + sl
-            seen = slots < pos
+            seen = slots < stop
             at = cache + slots[:, None] * sc_l + d[None, :]
             kt1 = tl.load(kc_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
             kt2 = tl.load(kc_ptr + at + HALF, mask=seen[:, None], other=0.0).to(tl.float32)
             bias = tl.load(bias_ptr + m * stride_bias + slots, mask=seen, other=0.0).to(tl.float32)
-            s = (tl.sum(kt1 * q1[None, :], 1) + tl.sum(kt2 * q2[None, :], 1)) * sm_scale + bias
-            s = tl.where(seen, s, float("-inf"))
-            new = tl.maximum(best, tl.max(s, 0))
+            sc = (tl.sum(kt1 * q1[None, :], 1) + tl.sum(kt2 * q2[None, :], 1)) * sm_scale + bias
+            sc = tl.where(seen, sc, float("-inf"))
+            new = tl.maximum(best, tl.max(sc, 0))
             keep = tl.exp(best - new)
-            p = tl.exp(s - new)
+            p = tl.exp(sc - new)
             vt1 = tl.load(vc_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
             vt2 = tl.load(vc_ptr + at + HALF, mask=seen[:, None], other=0.0).to(tl.float32)
             acc1 = acc1 * keep + tl.sum(p[:, None] * vt1, 0)
             acc2 = acc2 * keep + tl.sum(p[:, None] * vt2, 0)
             total = total * keep + tl.sum(p, 0)
             best = new
-        o1, o2 = (acc1 / total).to(dt), (acc2 / total).to(dt)
-        tl.store(o_ptr + m * stride_o + h * D + d, o1)
-        tl.store(o_ptr + m * stride_o + h * D + HALF + d, o2)
-        if ROP > 0:
-            r = tl.arange(0, ROP)
-            at = r[:, None] * (H * D) + h * D + d[None, :]
-            a1 = tl.load(ao_ptr + at, mask=(r < RO)[:, None], other=0.0).to(tl.float32)
-            a2 = tl.load(ao_ptr + at + HALF, mask=(r < RO)[:, None], other=0.0).to(tl.float32)
-            t = tl.sum(a1 * o1.to(tl.float32)[None, :], 1) + tl.sum(a2 * o2.to(tl.float32)[None, :], 1)
-            tl.store(to_ptr + (m * H + h) * RO + r, t, mask=r < RO)
+        last = True
+        if SPLITS > 1:
+            W: tl.constexpr = D + 2
+            part = part_ptr + (m * H + h) * SPLITS * W
+            tl.store(part + s * W, best)
+            tl.store(part + s * W + 1, total)
+            tl.store(part + s * W + 2 + d, acc1)
+            tl.store(part + s * W + 2 + HALF + d, acc2)
+            tl.debug_barrier()  # the program's stores before its count (the release orders them for the others)
+            count = count_ptr + m * H + h
+            last = tl.atomic_add(count, 1, sem="acq_rel") == SPLITS - 1
+            if last:
+                tl.store(count, 0)  # for the next token's launch
+                sp = tl.arange(0, SPLITS)
+                bests = tl.load(part + sp * W, cache_modifier=".cg")
+                top = tl.max(bests, 0)
+                weight = tl.exp(bests - top)
+                total = tl.sum(tl.load(part + sp * W + 1, cache_modifier=".cg") * weight, 0)
+                values_at = part + sp[:, None] * W + 2 + d[None, :]
+                acc1 = tl.sum(tl.load(values_at, cache_modifier=".cg") * weight[:, None], 0)
+                acc2 = tl.sum(tl.load(values_at + HALF, cache_modifier=".cg") * weight[:, None], 0)
+        if last:
+            o1, o2 = (acc1 / total).to(dt), (acc2 / total).to(dt)
+            tl.store(o_ptr + m * stride_o + h * D + d, o1)
+            tl.store(o_ptr + m * stride_o + h * D + HALF + d, o2)
+            if ROP > 0:
+                r = tl.arange(0, ROP)
+                a_at = r[:, None] * (H * D) + h * D + d[None, :]
+                a1 = tl.load(ao_ptr + a_at, mask=(r < RO)[:, None], other=0.0).to(tl.float32)
+                a2 = tl.load(ao_ptr + a_at + HALF, mask=(r < RO)[:, None], other=0.0).to(tl.float32)
+                t = tl.sum(a1 * o1.to(tl.float32)[None, :], 1) + tl.sum(a2 * o2.to(tl.float32)[None, :], 1)
+                tl.store(to_ptr + (m * H + h) * RO + r, t, mask=r < RO)
 
     @triton.jit
     def _gated_activation_kernel(y_ptr, stride_y, t_ptr, b_ptr, R, scale, act_ptr, stride_act, ad_ptr, td_ptr,
@@ -197,21 +230,45 @@ def residual_norm(h: torch.Tensor, h_out: torch.Tensor, y: torch.Tensor | None =
                                 NORM=norm is not None, num_warps=8 if k >= 2048 else 4)
 
 
+SLOTS_A_SHARE = 128  # the fewest cache slots a program of the split attention reads: one block
+
+
+def attention_shares(rows: int, heads: int, slots: int, head_dim: int, device: torch.device) -> tuple | None:
+    """Scratch for `decode_attention` to split each (row, head)'s cache of `slots` among programs: a power of two
+    of shares of at least SLOTS_A_SHARE slots, up to ~2 programs a multiprocessor; None where one program a head
+    serves. One program a head is 32 programs at one row of an 8B model, a quarter of an H100, each reading its
+    key head's cache one block after another, so its time grows with the chat's history; at 8 rows the 256
+    programs already fill the GPU and splitting them further was slower (bench/PERF_NOTES.md). The count is fixed
+    per request (a graph's grid is); each token's shares divide the slots filled so far."""
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    splits = 1
+    while splits * 2 * SLOTS_A_SHARE <= slots and rows * heads * splits * 2 <= 2 * units:
+        splits *= 2
+    if splits == 1:
+        return None
+    return (torch.empty(rows, heads, splits, head_dim + 2, dtype=torch.float32, device=device),
+            torch.zeros(rows, heads, dtype=torch.int32, device=device))
+
+
 def decode_attention(y: torch.Tensor, qkv_lora: tuple | None, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, sm_scale: float,
                      out: torch.Tensor, heads: int, kv_heads: int, a_o: torch.Tensor | None = None,
-                     t_o: torch.Tensor | None = None, block: int = 128) -> None:
+                     t_o: torch.Tensor | None = None, shares: tuple | None = None, block: int = 128) -> None:
     """One query per row over a static cache [M, kv_heads, L, D]. y: the joined q, k, v product [M, (heads +
     2 kv_heads) D]; qkv_lora: (t [M, 1, R], B, scale) of their adapter. Writes this token's k, v at slot `pos` (a
-    device scalar) and the attention output [M, heads D]; with a_o, t_o[m, h] = a_o[:, head h] @ out[m, head h]."""
+    device scalar) and the attention output [M, heads D]; with a_o, t_o[m, h] = a_o[:, head h] @ out[m, head h].
+    shares: `attention_shares`' scratch, to split the slots among programs."""
     m = y.shape[0]
     d = keys.shape[-1]
     t, b, r, scale = _lora_args(qkv_lora, y)
     ro = 0 if a_o is None else a_o.shape[0]
-    _decode_attention_kernel[(m, heads)](
+    part, count = shares if shares is not None else (y, y)
+    splits = 1 if shares is None else part.shape[2]
+    _decode_attention_kernel[(m, heads, splits)](
         y, y.stride(0), t, b, r, scale, cos, sin, cos.stride(0), keys, values, keys.stride(0), keys.stride(1),
         keys.stride(2), pos, bias, bias.stride(0), sm_scale, out, out.stride(0), a_o if ro else y, t_o if ro else y,
-        ro, heads, kv_heads, D=d, BL=block, RP=_pow2(r) if r else 0, ROP=_pow2(ro) if ro else 0, num_warps=4)
+        ro, heads, kv_heads, part, count, D=d, BL=block, RP=_pow2(r) if r else 0, ROP=_pow2(ro) if ro else 0,
+        SPLITS=splits, num_warps=4)
 
 
 GATED_COLUMNS = 512  # columns of the activation a program computes (and so down's LoRA partials: N / this)
@@ -229,4 +286,5 @@ def gated_activation(y: torch.Tensor, gate_up_lora: tuple | None, act: torch.Ten
         BN=GATED_COLUMNS, RP=_pow2(r) if r else 0, RDP=_pow2(rd) if rd else 0, num_warps=4)
 
 
-__all__ = ["GATED_COLUMNS", "decode_attention", "gated_activation", "residual_norm", "runs_on"]
+__all__ = ["GATED_COLUMNS", "SLOTS_A_SHARE", "attention_shares", "decode_attention", "gated_activation", "residual_norm",
+           "runs_on"]

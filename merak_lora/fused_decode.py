@@ -163,6 +163,8 @@ class FusedStep:
         self.t_o = new(rows, self.heads, ranks[1], dt=torch.float32)
         self.t_gu = new(rows, 1, ranks[2], dt=torch.float32)
         self.t_down = new(rows, -(-intermediate // kernels.GATED_COLUMNS), ranks[3], dt=torch.float32)
+        keys = cache.layers[layers[0].layer_idx].keys  # [rows, kv heads, slots, head size]
+        self.shares = kernels.attention_shares(rows, self.heads, keys.shape[2], keys.shape[3], device)
 
     @classmethod
     def build(cls, stage, cache, rows: int, dtype: torch.dtype, own_4bit: bool = True) -> "FusedStep | str":
@@ -202,7 +204,7 @@ class FusedStep:
             kernels.residual_norm(h[0], h[1], *last, norm=_norm(w.norm1, self.x), a=_a(qkv), t_a=self.t_qkv)
             kernels.decode_attention(*qkv_p(self.x, _up(qkv, self.t_qkv)), cos, sin, layer.keys, layer.values,
                                      layer.cumulative_length, bias, self.scaling, self.o, self.heads, self.kv_heads,
-                                     a_o=_a(o), t_o=self.t_o)
+                                     a_o=_a(o), t_o=self.t_o, shares=self.shares)
             kernels.residual_norm(h[1], h[0], *o_p(self.o, _up(o, self.t_o)), norm=_norm(w.norm2, self.x),
                                   a=_a(gate_up), t_a=self.t_gu)
             kernels.gated_activation(*gu_p(self.x, _up(gate_up, self.t_gu)), self.act, _a(down), self.t_down)

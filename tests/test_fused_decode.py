@@ -56,31 +56,41 @@ def test_gated_activation_with_both_adapters():
     torch.testing.assert_close(t_down.sum(1), want @ a_down.t(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_matches_transformers_rotary_cache_and_masked_softmax(dtype):
-    """Two rows (one left-padded), grouped query heads, a cache holding 70 slots (two blocks of keys): q, k and v
-    from the joined product with their LoRA, rotated as transformers rotates them; the new k and v land in the
-    cache; the output is softmax attention over the seen slots; o's LoRA partials are its heads' products."""
+@pytest.mark.parametrize("dtype, splits", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 4),
+                                           (torch.bfloat16, 8)])
+def test_attention_matches_transformers_rotary_cache_and_masked_softmax(dtype, splits):
+    """Two rows (one left-padded by 30), grouped query heads, a cache holding 70 slots: q, k and v from the joined
+    product with their LoRA, rotated as transformers rotates them; the new k and v land in the cache; the output is
+    softmax attention over the seen slots; o's LoRA partials are its heads' products. Split among 4 or 8 programs
+    a head (shares of 20 or 12 slots): a share of padding only, empty shares (8), padding at -inf (8), and the
+    counts back at zero for the next token."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
     g = torch.Generator().manual_seed(4)
-    m, heads, kv, d, slots, pos = 2, 4, 2, 16, 96, 70
+    m, heads, kv, d, slots, pos, pad = 2, 4, 2, 16, 96, 70, 30
     config = LlamaConfig(hidden_size=heads * d, num_attention_heads=heads, num_key_value_heads=kv)
     width = (heads + 2 * kv) * d
     y = torch.randn(m, width, generator=g).to(dtype)
     t, b, scale = _lora(width, 6, 1, m, 5)
     keys, values = (torch.randn(m, kv, slots, d, generator=g).to(dtype) for _ in range(2))
-    positions = torch.tensor([[pos], [pos - 9]])  # the second row's prompt was 9 tokens shorter
+    positions = torch.tensor([[pos], [pos - pad]])  # the second row's prompt was 30 tokens shorter
     cos, sin = LlamaRotaryEmbedding(config)(y[:, None], positions)
     key_ok = torch.ones(m, slots, dtype=torch.bool)
-    key_ok[1, :9] = False
+    key_ok[1, :pad] = False
     from merak_lora.decode import attention_bias
     bias = attention_bias(key_ok, pos, 1, dtype)
+    if splits == 8:
+        bias[1, ..., :pad] = float("-inf")
     a_o = torch.randn(3, heads * d, generator=g).to(dtype)
     out = torch.full((m, heads * d), float("nan"), dtype=dtype)
     t_o = torch.full((m, heads, 3), float("nan"))
     k_cache, v_cache = keys.clone(), values.clone()
+    shares = None if splits == 1 else (torch.full((m, heads, splits, d + 2), float("nan")),
+                                       torch.zeros(m, heads, dtype=torch.int32))
     kernels.decode_attention(y, (t, b.to(dtype), scale), cos.view(m, -1), sin.view(m, -1), k_cache, v_cache,
-                             torch.tensor(pos), bias.view(m, -1), d ** -0.5, out, heads, kv, a_o=a_o, t_o=t_o, block=32)
+                             torch.tensor(pos), bias.view(m, -1), d ** -0.5, out, heads, kv, a_o=a_o, t_o=t_o,
+                             shares=shares, block=32 if splits == 1 else 4)
+    if shares is not None:
+        assert torch.equal(shares[1], torch.zeros(m, heads, dtype=torch.int32))
 
     full = (y.float() + scale * t.sum(1) @ b.to(dtype).float().t()).to(dtype)
     q, k_new, v_new = full.split([heads * d, kv * d, kv * d], dim=-1)
@@ -197,6 +207,21 @@ def _random_adapter_answers(model: str, targets: list[str]) -> tuple[dict, int]:
     cfg = GenConfig(model_path=model, max_new_tokens=6, device="cpu", compare_base=True)
     gen, _, _ = _pipeline_generator(cfg, AutoTokenizer.from_pretrained(model), None, meta, 1)
     return _four_answers(gen, [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]], cfg.sampling())
+
+
+def test_attention_split_among_programs_answers_as_the_transformers_layers(tiny_llama, memorised, monkeypatch):  # noqa: F811
+    """The tiny cache split as a long one is (shares of 4 slots, blocks of 4, up to the CPU's 16 units' worth of
+    programs): the fused step still gives the transformers layers' tokens, adapter on and off."""
+    from functools import partial
+    ckpt, _ = memorised
+    monkeypatch.setattr(kernels, "SLOTS_A_SHARE", 2)
+    monkeypatch.setattr(kernels, "decode_attention", partial(kernels.decode_attention, block=4))
+    made, shares = [], kernels.attention_shares
+    monkeypatch.setattr(kernels, "attention_shares", lambda *a: made.append(shares(*a)) or made[-1])
+    answers, calls, _ = _answers(tiny_llama, ckpt, _ids(tiny_llama)[:2], {})
+    assert calls and made and all(s is not None and s[0].shape[2] > 1 for s in made), "nothing was split"
+    assert answers[True, True] == answers[False, True]
+    assert answers[True, False] == answers[False, False]
 
 
 @pytest.mark.parametrize("model_type, targets", [("qwen2", ALL), ("mistral", ALL), ("llama", ["q_proj", "v_proj"])])
