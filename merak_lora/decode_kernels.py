@@ -286,5 +286,5 @@ def gated_activation(y: torch.Tensor, gate_up_lora: tuple | None, act: torch.Ten
         BN=GATED_COLUMNS, RP=_pow2(r) if r else 0, RDP=_pow2(rd) if rd else 0, num_warps=4)
 
 
-__all__ = ["GATED_COLUMNS", "SLOTS_A_SHARE", "attention_shares", "decode_attention", "gated_activation", "residual_norm",
-           "runs_on"]
+__all__ = ["GATED_COLUMNS", "SLOTS_A_SHARE", "attention_shares", "decode_attention", "gated_activation",
+           "residual_norm", "runs_on"]

@@ -209,9 +209,10 @@ def _random_adapter_answers(model: str, targets: list[str]) -> tuple[dict, int]:
     return _four_answers(gen, [[5, 17, 29, 3, 77, 12, 40], [9, 31, 4, 66]], cfg.sampling())
 
 
-def test_attention_split_among_programs_answers_as_the_transformers_layers(tiny_llama, memorised, monkeypatch):  # noqa: F811
-    """The tiny cache split as a long one is (shares of 4 slots, blocks of 4, up to the CPU's 16 units' worth of
-    programs): the fused step still gives the transformers layers' tokens, adapter on and off."""
+def test_attention_split_among_programs_answers_as_the_transformers_layers(tiny_llama, memorised,  # noqa: F811
+                                                                             monkeypatch):
+    """The tiny cache split as a long one is (shares of whole 4-slot blocks, up to the CPU stand-in's 16 units'
+    worth of programs): the fused step still gives the transformers layers' tokens, adapter on and off."""
     from functools import partial
     ckpt, _ = memorised
     monkeypatch.setattr(kernels, "SLOTS_A_SHARE", 2)
