@@ -1,5 +1,5 @@
 """The fused step's attention (merak_lora/decode_kernels.py `decode_attention`) over a cache filled to its length,
-one program a head against the cache split among programs (`attention_shares`), at a model's decode shapes: one
+one program a head against the cache split among programs (`attention_splits`), at a model's decode shapes: one
 query per row, LoRA on q, k, v and o, timed as CUDA-graph replays over enough cache copies to miss the L2 cache;
 each split's largest difference to the whole. On a CUDA device.
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     import torch
 
-    from merak_lora.decode_kernels import attention_shares
+    from merak_lora.decode_kernels import SLOTS_A_SHARE, attention_shares, attention_splits
     c = ARCHS[a.arch]
     heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
     d = c["hidden_size"] // heads
@@ -74,13 +74,10 @@ def main() -> None:
             copies = max(1, math.ceil(150e6 / nbytes))  # past the L2 (50 MB on an H100)
             caches = [(keys.clone(), values.clone()) for _ in range(copies)]
             whole = attend(x, keys.clone(), values.clone(), pos, None, heads, kv_heads)
-            chosen = attention_shares(rows, heads, slots, d, torch.device("cuda"))
-            chosen = 1 if chosen is None else chosen[0].shape[2]
+            chosen = attention_splits(rows, heads, slots, torch.device("cuda"))
             timed, diffs = {}, {}
-            for splits in (s for s in SPLITS if s == 1 or s * 128 <= slots):
-                shares = None if splits == 1 else (
-                    torch.empty(rows, heads, splits, d + 2, device="cuda"),
-                    torch.zeros(rows, heads, dtype=torch.int32, device="cuda"))
+            for splits in (s for s in SPLITS if s == 1 or s * SLOTS_A_SHARE <= slots):
+                shares = attention_shares(rows, heads, splits, d, torch.device("cuda"))
                 got = attend(x, keys.clone(), values.clone(), pos, shares, heads, kv_heads)
                 diffs[splits] = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, whole))
                 timed[splits] = replay_us([lambda kv=kv, s=shares: attend(x, *kv, pos, s, heads, kv_heads)

@@ -15,7 +15,7 @@ where the product did not add it (merak-lora's 4-bit product does):
   slower); the first writes the row and the normalized row.
 - `decode_attention`: q, k and v from the joined product with their LoRA up projections, the rotary embedding,
   the new k and v written to the static cache, the query's attention over the cache (online softmax), and the o
-  projection's LoRA down projection of its head; a long cache is split among programs (`attention_shares`).
+  projection's LoRA down projection of its head; a long cache is split among programs (`attention_splits`).
 - `gated_activation`: gate and up from their joined product with their LoRA up projections, silu(gate) * up, and
   the down projection's LoRA down projection of the program's columns.
 
@@ -233,17 +233,23 @@ def residual_norm(h: torch.Tensor, h_out: torch.Tensor, y: torch.Tensor | None =
 SLOTS_A_SHARE = 128  # the fewest cache slots a program of the split attention reads: one block
 
 
-def attention_shares(rows: int, heads: int, slots: int, head_dim: int, device: torch.device) -> tuple | None:
-    """Scratch for `decode_attention` to split each (row, head)'s cache of `slots` among programs: a power of two
-    of shares of at least SLOTS_A_SHARE slots, up to ~2 programs a multiprocessor; None where one program a head
-    serves. One program a head is 32 programs at one row of an 8B model, a quarter of an H100, each reading its
-    key head's cache one block after another, so its time grows with the chat's history; at 8 rows the 256
-    programs already fill the GPU and splitting them further was slower (bench/PERF_NOTES.md). The count is fixed
-    per request (a graph's grid is); each token's shares divide the slots filled so far."""
+def attention_splits(rows: int, heads: int, slots: int, device: torch.device) -> int:
+    """How many programs `decode_attention` splits each (row, head)'s cache of `slots` among: a power of two of
+    shares of at least SLOTS_A_SHARE slots, up to ~2 programs a multiprocessor. One program a head is 32 programs at
+    one row of an 8B model, a quarter of an H100, each reading its key head's cache one block after another, so its
+    time grows with the chat's history; at 8 rows the 256 programs already fill the GPU and splitting them further
+    was slower (bench/PERF_NOTES.md). The count is fixed per request (a graph's grid is); each token's shares
+    divide the slots filled so far."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
     splits = 1
     while splits * 2 * SLOTS_A_SHARE <= slots and rows * heads * splits * 2 <= 2 * units:
         splits *= 2
+    return splits
+
+
+def attention_shares(rows: int, heads: int, splits: int, head_dim: int, device: torch.device) -> tuple | None:
+    """`decode_attention`'s scratch for `splits` shares a head: each share's running maximum, sum and weighted
+    values, and each head's count of shares ended (zero between tokens); None for one share."""
     if splits == 1:
         return None
     return (torch.empty(rows, heads, splits, head_dim + 2, dtype=torch.float32, device=device),
@@ -286,5 +292,5 @@ def gated_activation(y: torch.Tensor, gate_up_lora: tuple | None, act: torch.Ten
         BN=GATED_COLUMNS, RP=_pow2(r) if r else 0, RDP=_pow2(rd) if rd else 0, num_warps=4)
 
 
-__all__ = ["GATED_COLUMNS", "SLOTS_A_SHARE", "attention_shares", "decode_attention", "gated_activation",
-           "residual_norm", "runs_on"]
+__all__ = ["GATED_COLUMNS", "SLOTS_A_SHARE", "attention_shares", "attention_splits", "decode_attention",
+           "gated_activation", "residual_norm", "runs_on"]

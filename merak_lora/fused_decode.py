@@ -164,7 +164,8 @@ class FusedStep:
         self.t_gu = new(rows, 1, ranks[2], dt=torch.float32)
         self.t_down = new(rows, -(-intermediate // kernels.GATED_COLUMNS), ranks[3], dt=torch.float32)
         keys = cache.layers[layers[0].layer_idx].keys  # [rows, kv heads, slots, head size]
-        self.shares = kernels.attention_shares(rows, self.heads, keys.shape[2], keys.shape[3], device)
+        splits = kernels.attention_splits(rows, self.heads, keys.shape[2], device)
+        self.shares = kernels.attention_shares(rows, self.heads, splits, keys.shape[3], device)
 
     @classmethod
     def build(cls, stage, cache, rows: int, dtype: torch.dtype, own_4bit: bool = True) -> "FusedStep | str":
