@@ -111,8 +111,9 @@ def run(cfg: Config) -> list[TrainState]:
         failures.register(cfg.output_dir, layout.rank)
         torch.manual_seed(cfg.seed + 1000 * layout.rank)
         log.info(f"{world} ranks: {layout.dp} pipeline replica(s) x {layout.pp} ranks x {chunks} stage(s) per "
-                 f"rank, schedule {cfg.pipeline_schedule}, device {layout.device.type}; layer split "
-                 f"{[(s.start, s.stop) for s in plan.specs]}"
+                 f"rank, schedule {cfg.pipeline_schedule}, device {layout.device.type}"
+                 + (f", rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if world > 1 else "")
+                 + f"; layer split {[(s.start, s.stop) for s in plan.specs]}"
                  + (f"; {len(specs)} adapters: {', '.join(s.label for s in specs)}" if len(specs) > 1 else ""))
         datas, runs = [], []
         for spec, resume in zip(specs, resumes):

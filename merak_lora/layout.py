@@ -98,6 +98,23 @@ def check_a_gpu_each(coord: Coordinator, host: str, gpu: str, visible: int) -> N
         raise
 
 
+def _rendezvous(rank: int, world: int, timeout: datetime.timedelta):
+    """The job's store, hosted by rank 0 at MASTER_ADDR:MASTER_PORT. A port another process holds is the job's
+    set-up, not a peer's failure, so rank 0 says so at once instead of leaving the others to wait out the timeout."""
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    except dist.DistNetworkError as e:
+        if rank != 0 or "EADDRINUSE" not in str(e):
+            raise
+        with socket.socket() as s:
+            s.bind(("", 0))
+            free = s.getsockname()[1]
+        raise ConfigError(f"rank 0 cannot host the job's rendezvous: MASTER_PORT={os.environ['MASTER_PORT']} is "
+                          f"taken on {socket.gethostname()} (another job or process holds it); start the job with "
+                          f"MASTER_PORT set to a free port, e.g. MASTER_PORT={free}") from e
+    return store
+
+
 def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "auto",
                      timeout_s: int = 300) -> Layout:
     """Start the process group (gloo on CPU, NCCL on GPU) on the job's rendezvous store, build the dp x pp groups,
@@ -109,7 +126,7 @@ def init_distributed(pp: int, chunks: int, v_shape: bool, device_choice: str = "
     if world > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        store = _rendezvous(rank, world, timeout)
         coord = Coordinator(dist.PrefixStore("merak", store), rank, world)
         if not dist.is_initialized():
             if device.type == "cuda":

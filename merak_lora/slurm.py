@@ -14,6 +14,13 @@ def job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def rendezvous_port(job: str) -> int:
+    """The job's rendezvous port, the same on every node: 20000 + job id % 12000. Below Linux's ephemeral range
+    (32768 up), so a port the system lends to an outgoing connection never takes it; two jobs sharing a node
+    collide only 12,000 job ids apart. slurm/launcher.sh computes the same."""
+    return 20000 + int(job) % 12000
+
+
 def restart_count() -> int:
     """How many times Slurm has requeued this job (0 on the first run)."""
     try:

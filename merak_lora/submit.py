@@ -25,7 +25,12 @@ class Finetune:
     def __call__(self) -> int:
         import submitit
 
+        from merak_lora.slurm import job_id, rendezvous_port
+        own = os.environ.pop("MASTER_PORT", None)  # export() refuses to overwrite a variable
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # the user's port, else the job's: submitit's (20000-60000 by job id) can fall among ports lent to
+        # outgoing connections, and then rank 0 cannot host the rendezvous
+        os.environ["MASTER_PORT"] = own or str(rendezvous_port(job_id()))
         from merak_lora.finetune import main
         code = main(self.argv)
         if code == 75:  # preempted: checkpoint written and job requeued; no result, the requeued job runs again

@@ -50,7 +50,8 @@ merak_launch() {
   export PYTHONPATH="$(merak_root)${PYTHONPATH:+:$PYTHONPATH}"   # the launcher runs from a clone, no install
   if [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_NTASKS:-}" && -n "${SLURM_PROCID:-}" ]]; then
     export MASTER_ADDR=${MASTER_ADDR:-$(merak_master_addr)}
-    export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # two jobs on one node don't collide
+    # the same on every node, below Linux's ephemeral ports (merak_lora/slurm.py: rendezvous_port)
+    export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
     local nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     if [[ "${SLURM_STEP_NUM_NODES:-$nnodes}" -lt "$nnodes" ]]; then nnodes=$SLURM_STEP_NUM_NODES; fi
     if [[ "$SLURM_NTASKS" -gt "$nnodes" ]]; then

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +61,26 @@ def test_the_launcher_alone_gives_the_same_one_line(tiny_llama, tmp_path):
                            "--learning_rate", "-1"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
     assert proc.returncode == 2
     assert lines(proc.stdout + proc.stderr) == ["error: --learning_rate must be positive"]
+
+
+def test_a_taken_rendezvous_port_is_one_line_and_exit_code_2(tiny_llama, tmp_path):
+    """Rank 0 of two, as srun starts it, with MASTER_PORT held by another process: it names the port and the fix
+    at once (exit 2) instead of waiting as if a peer had gone."""
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "finetune.py"),
+                               *flags(tiny_llama, str(tmp_path / "out"))], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = lines(proc.stdout + proc.stderr)
+    assert len(out) == 1 and out[0].startswith(f"error: rank 0 cannot host the job's rendezvous: MASTER_PORT={port} "
+                                               "is taken"), out
+    assert "start the job with MASTER_PORT set to a free port" in out[0]
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
 
 
 class Running:

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import LORA_CONFIG, ROOT, SAMPLE
-from dist_helper import run_ranks
+from dist_helper import free_port, run_ranks
 from merak_lora.checkpoint import load_adapter_tensors, read_latest, read_meta
+from merak_lora.slurm import rendezvous_port
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +79,7 @@ def test_run_sh_trains_across_two_nodes(trained_under, launcher, tasks, pp):
     assert stage_folders(out, 4) == ["meta.json"] + [f"mp_rank_00_pp_rank_{s:03d}" for s in range(pp)]
     log0 = open(os.path.join(out, "logs", "rank_000.log")).read()
     assert f"{pp} ranks: 1 pipeline replica(s) x {pp} ranks" in log0
+    assert int(re.search(r"rendezvous \S+:(\d+)", log0).group(1)) < 32768  # not a port lent to a connection
 
 
 def test_gen_sh_answers_under_srun(trained_under, tiny_llama):
@@ -88,14 +90,22 @@ def test_gen_sh_answers_under_srun(trained_under, tiny_llama):
     assert "[base]" in proc.stdout and "[fine-tuned]" in proc.stdout
 
 
-def test_submitit_submission_with_two_nodes(cluster, tiny_llama, tmp_path):
+@pytest.mark.parametrize("user_port", [False, True])
+def test_submitit_submission_with_two_nodes(cluster, tiny_llama, tmp_path, user_port):
+    """The ranks meet on the user's MASTER_PORT where the submitting shell sets one (submitit's export alone
+    refuses it), else on the job's own port (slurm.rendezvous_port): submitit's may fall among the ports lent to
+    outgoing connections."""
     out = str(tmp_path / "out")
+    port = free_port() if user_port else None
     proc = run([sys.executable, "-m", "merak_lora.submit", "--nodes", "2", "--cpu_ranks_per_node", "1",
                 "--partition", "debug", "--time", "10", "--log_dir", str(tmp_path / "logs"), "--wait", "--",
-                *flags(tiny_llama, out, "--pp", "2")])
+                *flags(tiny_llama, out, "--pp", "2")], **({"MASTER_PORT": str(port)} if port else {}))
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     assert f"job {job} finished" in proc.stdout and "step 4/4 | loss" in proc.stdout
     assert stage_folders(out, 4) == ["meta.json", "mp_rank_00_pp_rank_000", "mp_rank_00_pp_rank_001"]
+    log0 = open(os.path.join(out, "logs", "rank_000.log")).read()
+    used = int(re.search(r"rendezvous \S+:(\d+)", log0).group(1))
+    assert used == port if user_port else used == rendezvous_port(job) < 32768
 
 
 def _train(argv: list[str]) -> int:
