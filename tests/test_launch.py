@@ -80,7 +80,6 @@ def test_a_taken_rendezvous_port_is_one_line_and_exit_code_2(tiny_llama, tmp_pat
     assert len(out) == 1 and out[0].startswith(f"error: rank 0 cannot host the job's rendezvous: MASTER_PORT={port} "
                                                "is taken"), out
     assert "start the job with MASTER_PORT set to a free port" in out[0]
-    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
 
 
 class Running:
