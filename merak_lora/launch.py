@@ -37,9 +37,10 @@ GRACE_S = 30.0
 KILL_AFTER_S = 10.0
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing on `host` holds now ("": every address)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -76,7 +77,7 @@ class Ranks:
     """This node's rank processes and what happened to them."""
 
     def __init__(self, a: argparse.Namespace):
-        port = a.master_port or _free_port()
+        port = a.master_port or free_port()
         world = a.nnodes * a.nproc_per_node
         self.procs: list[subprocess.Popen] = []
         self.first_rank = a.node_rank * a.nproc_per_node

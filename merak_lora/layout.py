@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .config import ConfigError
 from .coordinate import Coordinator
 from .entry import env_ranks
+from .launch import free_port
 
 
 @dataclass
@@ -106,12 +107,9 @@ def _rendezvous(rank: int, world: int, timeout: datetime.timedelta):
     except dist.DistNetworkError as e:
         if rank != 0 or "EADDRINUSE" not in str(e):
             raise
-        with socket.socket() as s:
-            s.bind(("", 0))
-            free = s.getsockname()[1]
         raise ConfigError(f"rank 0 cannot host the job's rendezvous: MASTER_PORT={os.environ['MASTER_PORT']} is "
                           f"taken on {socket.gethostname()} (another job or process holds it); start the job with "
-                          f"MASTER_PORT set to a free port, e.g. MASTER_PORT={free}") from e
+                          f"MASTER_PORT set to a free port, e.g. MASTER_PORT={free_port('')}") from e
     return store
 
 
