@@ -17,10 +17,11 @@ warps a scheduler with 1.1 ready), and the SASS showed why: ptxas interleaves th
 their order in the source, and each group's addresses took ~25 instructions of 64-bit arithmetic. So a warp takes 4
 groups at a time whose codes, x and scales are constant offsets from the batch's first (four scales a load where
 blocks are 64 codes), at 64 registers a thread: 16 warps a block, two blocks, 32 warps a multiprocessor.
-That read 1.07-1.13x faster than 8 warps of 8 groups at 128 registers. Its leading stall is now math pipe throttle
-(gate, up), yet the look-up moved off that pipe into a table in shared memory ran 0.85x, so what bounds it is not
-settled. Streaming the codes into shared memory by the copy engine (`cp.async.bulk`, a producer warp) was
-0.67-0.76x (bench/PERF_NOTES.md).
+That read 1.07-1.13x faster than 8 warps of 8 groups at 128 registers. What bounds it now is the look-up: its loads
+alone, with its launch and addresses, take two thirds of its time (bench/four_bit_loads.py), and the ALU pipe, where
+the `prmt`s, shifts and masks run, is 75% busy at gate and up. A table in shared memory (0.85x), the copy engine
+bringing the codes into shared memory (a producer warp 0.67-0.76x, a ring a warp 0.85x) and other launches each cost
+more than they hid (bench/PERF_NOTES.md).
 
 The LoRA up projection (B times the down projection's fp32 partials, summed) is added to each output as the block
 writes it, rounded as transformers rounds a LoRA linear's output, so the kernels after the product need not read B.
