@@ -2,7 +2,7 @@
 with the static cache and CUDA-graph steps (decode.py) and without, against transformers' generate() on the same
 model, greedy, same prompts; the time to the first token for a long prompt, and the memory bound on the GPU.
 
-    python bench/decode.py --arch llama3-8b [--batch 8 --prompt_len 128 --new 128]
+    python bench/decode.py --arch llama3-8b [--batch 8 --prompt_len 128 --new 128 --repeats 5]
     torchrun --nproc_per_node 2 bench/decode.py --arch llama3-8b --pp 2      # stages on 2 GPUs
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -28,6 +29,12 @@ def timed(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def spread(values: list[float]) -> str:
+    """The median, and with more than one value their range: a ratio between rows means something only past it."""
+    median = f"{statistics.median(values):,.0f}"
+    return median if len(values) == 1 else f"{median} ({min(values):,.0f}-{max(values):,.0f})"
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
@@ -96,6 +103,8 @@ def main() -> None:
     ap.add_argument("--apart", default="false",
                     help="add rows with the linears that read one input run one by one (shared_products.py off)")
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time each of merak-lora's rows this many times: the median, and the range beside it")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
     a = ap.parse_args()
@@ -159,10 +168,14 @@ def main() -> None:
         # warm-up over the whole length: cuDNN builds an attention plan per new key length, once per process;
         # the compiled step compiles here (its time is noted)
         warm = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new)))
-        ours_s = timed(lambda: answers.__setitem__(label, gen.generate(prompts, Sampling(max_new_tokens=a.new))))
-        # the tokens past the first quarter alone: what a request's set-up (prompt, cache, graph capture) leaves
-        short_s = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new // 4)))
-        steady = a.batch * (a.new - a.new // 4) / (ours_s - short_s)
+        whole, steady = [], []
+        for _ in range(a.repeats):
+            whole.append(timed(lambda: answers.__setitem__(label, gen.generate(prompts,
+                                                                                Sampling(max_new_tokens=a.new)))))
+            # the tokens past the first quarter alone: what a request's set-up (prompt, cache, graph capture) leaves
+            short_s = timed(lambda: gen.generate(prompts, Sampling(max_new_tokens=a.new // 4)))
+            steady.append(a.batch * (a.new - a.new // 4) / (whole[-1] - short_s))
+        ours_s = statistics.median(whole)
         if fused and gen.fused_notes:
             raise SystemExit(f"the fused row ran the transformers layers: {sorted(gen.fused_notes)}")
         if compile_step:  # then a request of other lengths: whether the compiled step is used as it is
@@ -176,7 +189,7 @@ def main() -> None:
             show_profile(lambda: gen.generate(prompts, Sampling(max_new_tokens=16)), f"merak-lora pipeline, {label}")
         rows.append([f"merak-lora pipeline, pp={a.pp}, {label}{', 4-bit base' if four_bit else ''}"
                      f"{', LoRA r=8' if meta else ''}", a.batch, a.new, f"{ours_s:.2f}",
-                     f"{a.batch * a.new / ours_s:,.0f}", f"{steady:,.0f}", f"{ttft:.3f}"])
+                     f"{a.batch * a.new / ours_s:,.0f}", spread(steady), f"{ttft:.3f}"])
         print(" | ".join(map(str, rows[-1])), flush=True)  # a run cut short keeps the rows it made
         if compile_step and join:
             plain = answers[label.removesuffix(", one-token step compiled")]
@@ -240,7 +253,9 @@ def main() -> None:
             notes.append(f"Greedy answers identical to generate()'s for {same} of {a.batch} prompts (random weights "
                          "in bf16: near-ties between logits can go either way when kernels differ).")
     table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s",
-                            f"tokens/s past the first {a.new // 4}", f"first token, {a.ttft_len}-token prompt (s)"],
+                            f"tokens/s past the first {a.new // 4}" + (f", median of {a.repeats} (range)" if a.repeats > 1
+                                                                       else ""),
+                            f"first token, {a.ttft_len}-token prompt (s)"],
                            rows)
     report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, " ".join(notes), a.results)
     if torch.distributed.is_initialized():

@@ -48,7 +48,7 @@ def runs(workdir) -> dict[str, partial]:
         "test_seventy_b_bench_runs": partial(run_bench, "seventy_b.py", "--arch", "tiny", "--gpus", "2", "--seq",
                                              "32", "--microbatches", "2", "--steps", "1"),
         "test_decode_bench_runs": partial(run_bench, "decode.py", "--arch", "tiny", "--batch", "2", "--prompt_len",
-                                          "16", "--new", "4"),
+                                          "16", "--new", "4", "--repeats", "3"),
         "test_pipeline_scaling_bench_runs": partial(run_bench, "pipeline_scaling.py", "--arch", "tiny", "--seq", "32",
                                                     "--microbatches", "2", "--steps", "1", "--schedules", "1f1b,zbv",
                                                     torchrun=2),
@@ -119,6 +119,11 @@ def test_lora_kernels_bench_runs():
 
 def test_decode_bench_runs(out):
     assert "merak-lora pipeline, pp=1" in out and "transformers generate()" in out
+    # three timings of each of merak-lora's rows: their median, then their range, low to high
+    assert "tokens/s past the first 1, median of 3 (range)" in out
+    ranges = re.findall(r"\| ([\d,]+) \(([\d,]+)-([\d,]+)\) \|", out)
+    assert ranges and all(int(lo.replace(",", "")) <= int(mid.replace(",", "")) <= int(hi.replace(",", ""))
+                          for mid, lo, hi in ranges), out
 
 
 @pytest.mark.skipif(NO_BNB, reason="needs bitsandbytes")
