@@ -252,11 +252,9 @@ def main() -> None:
             same = sum(x == y for x, y in zip(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))]))
             notes.append(f"Greedy answers identical to generate()'s for {same} of {a.batch} prompts (random weights "
                          "in bf16: near-ties between logits can go either way when kernels differ).")
-    table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s",
-                            f"tokens/s past the first {a.new // 4}" + (f", median of {a.repeats} (range)" if a.repeats > 1
-                                                                       else ""),
-                            f"first token, {a.ttft_len}-token prompt (s)"],
-                           rows)
+    past = f"tokens/s past the first {a.new // 4}" + (f", median of {a.repeats} (range)" if a.repeats > 1 else "")
+    table = markdown_table(["generator", "batch", "new tokens", "seconds", "decode tokens/s", past,
+                            f"first token, {a.ttft_len}-token prompt (s)"], rows)
     report(f"Decode, {a.arch}, prompts of ~{a.prompt_len} tokens, greedy", table, " ".join(notes), a.results)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

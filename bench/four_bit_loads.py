@@ -112,7 +112,8 @@ def main() -> None:
     for name, (n, k) in shapes(a.arch).items():
         codes, state = bf.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), blocksize=64,
                                         quant_type="nf4")
-        x, table, launch = torch.randn(1, k, device="cuda", dtype=torch.bfloat16), planes(state.code), launch_for(n, sms)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        table, launch = planes(state.code), launch_for(n, sms)
         nbytes = codes.numel() + state.absmax.numel() * 4
         copies = max(1, -(-150_000_000 // nbytes))  # three times the 50 MB L2
         many = [(codes.clone(), state.absmax.clone()) for _ in range(copies)]
