@@ -8,20 +8,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import traceback
 from typing import Any
 from collections.abc import Callable
 
+from merak_lora.launch import free_port
+
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["torch", "transformers", "peft", "merak_lora.finetune",
                              "transformers.models.llama.modeling_llama"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, env: dict, queue) -> None:
