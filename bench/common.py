@@ -34,7 +34,7 @@ def command_line() -> str:
 def report(title: str, table: str, notes: str = "", path: str = RESULTS) -> None:
     """Print the table and add it as one dated section (command, device, table) to `path` (bench/RESULTS.md;
     "-" prints only, as CI's tiny runs do)."""
-    print(table)
+    print(table + (f"\n\n{notes}" if notes else ""))
     if path == "-":
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

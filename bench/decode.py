@@ -3,6 +3,7 @@ with the static cache and CUDA-graph steps (decode.py) and without, against tran
 model, greedy, same prompts; the time to the first token for a long prompt, and the memory bound on the GPU.
 
     python bench/decode.py --arch llama3-8b [--batch 8 --prompt_len 128 --new 128 --repeats 5]
+    python bench/decode.py --arch llama3-70b --load_in_4bit true --random_weights true   # 70B on one GPU
     torchrun --nproc_per_node 2 bench/decode.py --arch llama3-8b --pp 2      # stages on 2 GPUs
 """
 
@@ -82,6 +83,23 @@ def show_profile(fn, label: str) -> None:
         print(f"{len(kernels)} kernels, {sum(e.device_time_total for e in kernels) / 1e3:.1f} ms of GPU time")
 
 
+def transformers_model(model_dir: str, four_bit: bool, dtype, device: str, meta: dict | None):
+    """The model as a transformers + PEFT user loads it: from the folder, NF4 through transformers' own bitsandbytes
+    loading, the same shape of adapter through PEFT (as `PeftModel.generate` runs a fine-tune)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if four_bit:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": 0},
+                                                     quantization_config=BitsAndBytesConfig(
+                                                         load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_compute_dtype=dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    if meta:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(**meta["lora"]))
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="llama3-8b")
@@ -105,12 +123,15 @@ def main() -> None:
     ap.add_argument("--ttft_len", type=int, default=1000, help="prompt length for the time to the first token")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each of merak-lora's rows this many times: the median, and the range beside it")
+    ap.add_argument("--random_weights", default="false",
+                    help="draw the base on the GPU instead of reading a written model (a 70B model's 140 GB do not fit "
+                         "the disk); generate() then runs on the pipeline's own model, which needs --pp 1")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--profile", action="store_true", help="print where 16 decode steps of each spend time")
     a = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from merak_lora.chat import GenConfig, _pipeline_generator
     from merak_lora.generate import Sampling, left_pad
@@ -118,14 +139,18 @@ def main() -> None:
     from merak_lora.lora import merge_for_generation
 
     rank, world, _ = env_ranks()
-    model_dir = bench_model(a.arch, a.model_dir)
+    drawn = a.random_weights == "true"
+    if drawn and a.pp != 1:
+        raise SystemExit("--random_weights true needs --pp 1: generate() then runs on the one stage's model")
+    model_dir = bench_model(a.arch, a.model_dir, weights=not drawn)
     tok = AutoTokenizer.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (a.prompt_len - 8 * (i % 4),), generator=g).tolist() for i in range(a.batch)]
     bf16 = torch.cuda.is_available()
     # --compare_base true keeps the adapter apart from the base; the merged case (gen.sh without it) is a row below
     four_bit = a.load_in_4bit == "true"
-    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16, compare_base=True, load_in_4bit=four_bit)
+    cfg = GenConfig(model_path=model_dir, pp=a.pp, bf16=bf16, compare_base=True, load_in_4bit=four_bit,
+                    random_weights=drawn)
     # --lora true: a random adapter on every linear (B not zero, so it changes the answers), as gen.sh runs one
     meta = {"lora": {"r": 8, "lora_alpha": 32, "target_modules": TARGETS, "init_lora_weights": False}} \
         if a.lora == "true" else None
@@ -212,6 +237,8 @@ def main() -> None:
                      f"for {agreement(answers[fused_label], answers[fused_label + behind])}.")
     gen.close()
     if torch.cuda.is_available():
+        notes.append(f"Peak GPU memory through merak-lora's rows: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+                     f"allocated, {torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved.")
         # the input embedding gives one row per token; every other weight (a tied head included) is read whole
         skip = {id(e.weight) for st in gen.stages for e in [st.base_lm().get_input_embeddings()]
                 if e is not None and e.weight is not getattr(st.base_lm().get_output_embeddings(), "weight", None)}
@@ -223,20 +250,15 @@ def main() -> None:
                      f"rank at {bandwidth / 1e12:.2f} TB/s (a device copy measured here): "
                      f"{bandwidth / weights:,.0f} tokens/s.")
     if a.pp == 1:
-        del gen
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if bf16 else torch.float32
-        if four_bit:  # the same NF4 base through transformers' own bitsandbytes loading
-            from transformers import BitsAndBytesConfig
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": 0},
-                                                         quantization_config=BitsAndBytesConfig(
-                                                             load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                             bnb_4bit_compute_dtype=dtype))
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-        if meta:  # the same shape of adapter through PEFT, as `PeftModel.generate` runs a fine-tune
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(**meta["lora"]))
+        if drawn:  # the one stage's model, its linears each run alone again: the same weights, adapter included
+            for group in groups:
+                group.on = False
+            model = gen.stages[0].model
+        del gen
+        if not drawn:
+            model = transformers_model(model_dir, four_bit, dtype, device, meta)
         model = model.eval()
         ids, mask = left_pad(prompts, tok.pad_token_id, device)
         run = lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,  # noqa
@@ -245,10 +267,14 @@ def main() -> None:
         hf_s = timed(lambda: run(a.new))
         if a.profile:
             show_profile(lambda: run(16), "transformers generate()")
+        on_stage = ", on the pipeline stage's model" if drawn else ""
         rows.append([f"transformers generate(), one process{', 4-bit base' if four_bit else ''}"
-                     f"{', PEFT LoRA r=8' if meta else ''}", a.batch, a.new,
-                     f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-", "-"])
-        if not meta:  # with an adapter the two hold different random LoRA weights
+                     f"{', PEFT LoRA r=8' if meta else ''}{on_stage}",
+                     a.batch, a.new, f"{hf_s:.2f}", f"{a.batch * a.new / hf_s:,.0f}", "-", "-"])
+        if drawn:  # one model in memory: the answers can be compared adapter and all
+            notes.append(f"generate() on the stage's model gives the same {a.new} greedy tokens as merak-lora's first "
+                         f"row for {agreement(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))])}.")
+        elif not meta:  # with an adapter the two hold different random LoRA weights
             same = sum(x == y for x, y in zip(run(a.new)[:, ids.shape[1]:].tolist(), answers[next(iter(answers))]))
             notes.append(f"Greedy answers identical to generate()'s for {same} of {a.batch} prompts (random weights "
                          "in bf16: near-ties between logits can go either way when kernels differ).")

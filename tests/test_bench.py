@@ -49,6 +49,9 @@ def runs(workdir) -> dict[str, partial]:
                                              "32", "--microbatches", "2", "--steps", "1"),
         "test_decode_bench_runs": partial(run_bench, "decode.py", "--arch", "tiny", "--batch", "2", "--prompt_len",
                                           "16", "--new", "4", "--repeats", "3"),
+        "test_decode_bench_runs_drawn": partial(run_bench, "decode.py", "--arch", "tiny", "--batch", "2",
+                                                "--prompt_len", "16", "--new", "4", "--random_weights", "true",
+                                                "--ahead", "false"),
         "test_pipeline_scaling_bench_runs": partial(run_bench, "pipeline_scaling.py", "--arch", "tiny", "--seq", "32",
                                                     "--microbatches", "2", "--steps", "1", "--schedules", "1f1b,zbv",
                                                     torchrun=2),
@@ -124,6 +127,12 @@ def test_decode_bench_runs(out):
     ranges = re.findall(r"\| ([\d,]+) \(([\d,]+)-([\d,]+)\) \|", out)
     assert ranges and all(int(lo.replace(",", "")) <= int(mid.replace(",", "")) <= int(hi.replace(",", ""))
                           for mid, lo, hi in ranges), out
+
+
+def test_decode_bench_runs_drawn(out):
+    # weights drawn in memory, as for 70B: generate() runs on the stage's own model, so its answers must match
+    assert "generate(), one process, PEFT LoRA r=8, on the pipeline stage's model" in out
+    assert "gives the same 4 greedy tokens as merak-lora's first row for 2 of 2 prompts" in out
 
 
 @pytest.mark.skipif(NO_BNB, reason="needs bitsandbytes")
